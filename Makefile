@@ -1,0 +1,28 @@
+# moe-ds: `make demo` runs the pipeline on the embedded default, `make test` runs the tests.
+# Both create the virtualenv (.venv) first when it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo bench clean-venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt .ci/bootstrap_venv.sh
+	bash .ci/bootstrap_venv.sh $(VENV)
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# The fast unit tests only (no multi-process launcher runs).
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS) tests
+
+demo: venv
+	bash launch/demo.sh
+
+bench: venv
+	$(PY) bench/experts_forward.py
+
+clean-venv:
+	rm -rf $(VENV)

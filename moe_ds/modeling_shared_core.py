@@ -1,0 +1,151 @@
+"""transformers model classes whose MoE layers hold ``SharedCoreExperts``, and the surgery that installs them.
+
+Each supported family gets a config class (``model_type = "shared_core_<family>"``) and a causal-LM class
+that builds the stock model and swaps every layer's fused experts for shared-core experts of the ranks in
+``config.shared_core["ranks"]``. Routers, shared experts, attention and norms are the stock modules.
+
+This file is shipped verbatim (with ``arch.py`` and ``shared_core.py``) beside every compressed checkpoint,
+and ``config.json`` names these classes in ``auto_map``, so
+``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` and
+``lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True`` load it without moe-ds.
+"""
+
+import re
+
+import torch
+from torch import nn
+from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+from .arch import UnsupportedModelError, get_architecture
+from .shared_core import SharedCoreExperts
+
+SHARED_CORE_FORMAT_VERSION = 1
+
+
+def find_experts(model: nn.Module) -> dict[int, str]:
+    """Module names of every MoE layer's experts module, by layer index.
+
+    Raises:
+        UnsupportedModelError: the model type is not in the table, or no layer holds an experts module.
+    """
+    arch = get_architecture(model.config.model_type)
+    pattern = re.compile(rf"^model\.layers\.(\d+)\.{arch.moe_block}\.{arch.experts}$")
+    found = {int(m.group(1)): name for name, _ in model.named_modules() if (m := pattern.match(name))}
+    if not found:
+        raise UnsupportedModelError(f"{type(model).__name__} has no MoE layers (no module matches {pattern.pattern})")
+    return dict(sorted(found.items()))
+
+
+def replace_experts(model: nn.Module, ranks: dict, experts: dict | None = None) -> nn.Module:
+    """Swap every MoE layer's fused experts module for a ``SharedCoreExperts`` (peft-style surgery).
+
+    Args:
+        model: a transformers MoE causal LM of a supported family (may live on the meta device).
+        ranks: {"gate": r, "up": r, "down": r}, used for layers not in ``experts``.
+        experts: optional {layer index: SharedCoreExperts} to install as given (e.g. fitted factors);
+            other layers get freshly constructed modules (cores random, wrappers identity).
+
+    Returns:
+        ``model``, modified in place.
+    """
+    experts = experts or {}
+    for layer, name in find_experts(model).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        if layer in experts:
+            new = experts[layer]
+        elif isinstance(old, SharedCoreExperts):
+            continue
+        else:
+            ref = old.gate_up_proj
+            # Under ZeRO-3 the old parameters are partitioned placeholders: let zero.Init place the new ones.
+            device = None if hasattr(ref, "ds_id") else ref.device
+            new = SharedCoreExperts(old.num_experts, old.hidden_dim, old.intermediate_dim, ranks,
+                                    model.config.hidden_act, dtype=ref.dtype, device=device)
+        setattr(parent, child, new)
+    return model
+
+
+class _SharedCoreMixin:
+    """Builds the stock model, then installs shared-core experts of ``config.shared_core["ranks"]``."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        section = getattr(config, "shared_core", None)
+        if not isinstance(section, dict) or "ranks" not in section:
+            raise ValueError("config has no shared_core section with ranks: not a moe-ds compressed model")
+        if section.get("format_version") != SHARED_CORE_FORMAT_VERSION:
+            raise ValueError(f"unknown shared_core format_version {section.get('format_version')!r}; "
+                             f"this code reads version {SHARED_CORE_FORMAT_VERSION}")
+        replace_experts(self, section["ranks"])
+
+
+class SharedCoreQwen3MoeConfig(Qwen3MoeConfig):
+    model_type = "shared_core_qwen3_moe"
+
+
+class SharedCoreQwen3MoeForCausalLM(_SharedCoreMixin, Qwen3MoeForCausalLM):
+    config_class = SharedCoreQwen3MoeConfig
+
+
+class SharedCoreQwen2MoeConfig(Qwen2MoeConfig):
+    model_type = "shared_core_qwen2_moe"
+
+
+class SharedCoreQwen2MoeForCausalLM(_SharedCoreMixin, Qwen2MoeForCausalLM):
+    config_class = SharedCoreQwen2MoeConfig
+
+
+class SharedCoreMixtralConfig(MixtralConfig):
+    model_type = "shared_core_mixtral"
+
+
+class SharedCoreMixtralForCausalLM(_SharedCoreMixin, MixtralForCausalLM):
+    config_class = SharedCoreMixtralConfig
+
+
+class SharedCoreOlmoeConfig(OlmoeConfig):
+    model_type = "shared_core_olmoe"
+
+
+class SharedCoreOlmoeForCausalLM(_SharedCoreMixin, OlmoeForCausalLM):
+    config_class = SharedCoreOlmoeConfig
+
+
+class SharedCoreDeepseekV3Config(DeepseekV3Config):
+    model_type = "shared_core_deepseek_v3"
+
+
+class SharedCoreDeepseekV3ForCausalLM(_SharedCoreMixin, DeepseekV3ForCausalLM):
+    config_class = SharedCoreDeepseekV3Config
+
+
+# base model_type -> (config class, causal-LM class), for the families in arch.ARCHITECTURES.
+SHARED_CORE_CLASSES = {
+    "qwen3_moe": (SharedCoreQwen3MoeConfig, SharedCoreQwen3MoeForCausalLM),
+    "qwen2_moe": (SharedCoreQwen2MoeConfig, SharedCoreQwen2MoeForCausalLM),
+    "mixtral": (SharedCoreMixtralConfig, SharedCoreMixtralForCausalLM),
+    "olmoe": (SharedCoreOlmoeConfig, SharedCoreOlmoeForCausalLM),
+    "deepseek_v3": (SharedCoreDeepseekV3Config, SharedCoreDeepseekV3ForCausalLM),
+}
+
+
+def shared_core_classes(model_type: str) -> tuple[type, type]:
+    """(config class, causal-LM class) for a base or ``shared_core_`` model type.
+
+    Raises:
+        UnsupportedModelError: unknown model type (the message lists the supported ones).
+    """
+    return SHARED_CORE_CLASSES[get_architecture(model_type).model_type]

@@ -1,0 +1,163 @@
+"""Shared fixtures: tiny MoE models of every supported family, built from config (no download).
+
+Tests are CPU-only. Tests that start processes through the DeepSpeed launcher carry ``@pytest.mark.slow``
+(still run by ``make test``; ``make test-fast`` skips them).
+"""
+
+import os
+import random
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 320
+
+
+def tiny_config(family: str, vocab_size: int = VOCAB) -> T.PretrainedConfig:
+    """A 2-3 layer, hidden-32 config of ``family`` with 6-8 experts, top-2."""
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=False)
+    if family == "qwen3_moe":
+        return T.Qwen3MoeConfig(**common, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=2,
+                                head_dim=8, num_experts=6, norm_topk_prob=True)
+    if family == "qwen2_moe":
+        return T.Qwen2MoeConfig(**common, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=2,
+                                shared_expert_intermediate_size=40, num_experts=6)
+    if family == "mixtral":
+        return T.MixtralConfig(**common, intermediate_size=24, num_hidden_layers=2, num_local_experts=6)
+    if family == "olmoe":
+        return T.OlmoeConfig(**common, intermediate_size=24, num_hidden_layers=2, num_experts=6)
+    if family == "deepseek_v3":
+        # First layer dense (first_k_dense_replace=1), shared expert, grouped routing with a score bias.
+        common["num_key_value_heads"] = 4
+        return T.DeepseekV3Config(**common, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=3,
+                                  n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1,
+                                  first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                                  qk_nope_head_dim=8, v_head_dim=8)
+    raise ValueError(family)
+
+
+FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3")
+
+
+def tiny_model(family: str, seed: int = 0, vocab_size: int = VOCAB) -> T.PreTrainedModel:
+    """A randomly initialised tiny causal LM of ``family`` in fp32, eval mode.
+
+    Router weights are scaled up so routing is decisive (stock init makes them ~0); DeepSeek-V3's
+    ``e_score_correction_bias`` is made non-zero so its use is exercised.
+    """
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(tiny_config(family, vocab_size))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+def _stdlib_text(max_chars: int = 400_000) -> str:
+    """Real text every Python ships: the standard library's own source."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts, size = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        parts.append(text)
+        size += len(text)
+        if size > max_chars:
+            break
+    return "\n".join(parts)
+
+
+def train_tiny_tokenizer(vocab_size: int = VOCAB) -> T.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on stdlib source with the ``tokenizers`` library."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_stdlib_text()], trainer=trainer)
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def stdlib_text() -> str:
+    return _stdlib_text()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
+    return train_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved tiny Qwen3-MoE (random weights) with its tokenizer: a stand-in teacher on disk."""
+    path = tmp_path_factory.mktemp("tiny_lm")
+    model = tiny_model("qwen3_moe", vocab_size=len(tiny_tokenizer))
+    model.config.eos_token_id = tiny_tokenizer.eos_token_id
+    model.config.pad_token_id = tiny_tokenizer.pad_token_id
+    model.config.bos_token_id = None
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed_and_clean_process_group():
+    random.seed(0)
+    torch.manual_seed(0)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def launcher_env(**extra) -> dict:
+    """Environment for running the DeepSpeed launcher with CPU ranks from a test."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "LOCAL_SIZE": "2", "PYTHONUNBUFFERED": "1"})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def single_process_env(**extra) -> dict:
+    """Environment for running a stage script as one plain process (no launcher)."""
+    from moe_ds.dist import free_port
+
+    env = launcher_env(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes through the DeepSpeed launcher (run by make test)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
