@@ -37,7 +37,8 @@ def tiny_config(family: str, vocab_size: int = VOCAB) -> T.PretrainedConfig:
     if family == "mixtral":
         return T.MixtralConfig(**common, intermediate_size=24, num_hidden_layers=2, num_local_experts=6)
     if family == "olmoe":
-        return T.OlmoeConfig(**common, intermediate_size=24, num_hidden_layers=2, num_experts=6)
+        return T.OlmoeConfig(**common, intermediate_size=24, num_hidden_layers=2, num_experts=6,
+                             bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if family == "deepseek_v3":
         # First layer dense (first_k_dense_replace=1), shared expert, grouped routing with a score bias.
         common["num_key_value_heads"] = 4

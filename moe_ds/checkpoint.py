@@ -1,0 +1,363 @@
+"""The compressed checkpoint format: build, save, validate, load, and export to a dense checkpoint.
+
+A compressed model directory holds
+    config.json                    the original config, ``model_type = "shared_core_<family>"``, a
+                                   ``shared_core`` section {format_version, ranks, method, base_model_type}
+                                   and ``auto_map`` naming the classes in modeling_shared_core.py;
+    model*.safetensors (+ index)   every weight under its in-memory name; the experts of each MoE layer as
+                                   ``...mlp.experts.{gate,up,down}_{core,u_in,v_in,u_out,v_out}``;
+    arch.py, shared_core.py,       verbatim copies of the package's own modules, so
+    modeling_shared_core.py        ``from_pretrained(path, trust_remote_code=True)`` works without moe-ds;
+    compression_statistics.yaml    parameter and MAC accounting (moe_ds.stats);
+    tokenizer files                when a tokenizer is given.
+Weights are only ever stored as safetensors.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from . import arch as arch_module
+from . import modeling_shared_core, shared_core
+from .arch import PROJECTIONS, get_architecture
+from .modeling_shared_core import SHARED_CORE_FORMAT_VERSION, find_experts, replace_experts, shared_core_classes
+from .shared_core import SharedCoreExperts
+
+# Files copied verbatim beside each checkpoint for trust_remote_code.
+SHIPPED_MODULES = (arch_module, shared_core, modeling_shared_core)
+STATISTICS_FILE = "compression_statistics.yaml"
+
+
+class CheckpointError(ValueError):
+    """A directory's weights or config do not form a valid (compressed) checkpoint."""
+
+
+def _base_config_dict(config: PretrainedConfig) -> dict:
+    d = config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "shared_core", "transformers_version"):
+        d.pop(key, None)
+    return d
+
+
+def shared_core_config(config: PretrainedConfig, ranks: dict, method: str = "mean") -> PretrainedConfig:
+    """The config of the compressed model: the original config plus a ``shared_core`` section.
+
+    Args:
+        config: config of the original (or already compressed) model.
+        ranks: {"gate": r, "up": r, "down": r}.
+        method: how the factors were obtained (recorded, e.g. "spec", "svd", "mean").
+    """
+    arch = get_architecture(config.model_type)
+    config_cls, model_cls = shared_core_classes(arch.model_type)
+    section = {"format_version": SHARED_CORE_FORMAT_VERSION, "base_model_type": arch.model_type,
+               "ranks": {p: int(ranks[p]) for p in PROJECTIONS}, "method": method}
+    new = config_cls(**_base_config_dict(config), shared_core=section)
+    new.architectures = [model_cls.__name__]
+    new.auto_map = {"AutoConfig": f"modeling_shared_core.{config_cls.__name__}",
+                    "AutoModelForCausalLM": f"modeling_shared_core.{model_cls.__name__}"}
+    return new
+
+
+def _model_from_state(model_cls, config, state: dict, source: torch.nn.Module) -> PreTrainedModel:
+    """Instantiate ``model_cls(config)`` on the meta device and adopt the given tensors (no copy).
+
+    Buffers not in ``state`` (non-persistent ones such as rotary ``inv_freq``) are taken from ``source``,
+    a model of the same layout outside the experts.
+    """
+    with torch.device("meta"):
+        model = model_cls(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = _tied_keys(model)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise CheckpointError(f"state does not match {model_cls.__name__}: missing {missing[:8]}, "
+                              f"unexpected {unexpected[:8]}")
+    model.tie_weights()
+    source_buffers = dict(source.named_buffers())
+    for name, buf in model.named_buffers():
+        if buf.device.type == "meta":
+            module_name, _, buf_name = name.rpartition(".")
+            model.get_submodule(module_name)._buffers[buf_name] = source_buffers[name]
+    return model.eval()
+
+
+def compress_model(model: PreTrainedModel, ranks: dict, experts: dict | None = None,
+                   method: str = "mean", init_std: float = 1.0, seed: int = 0) -> PreTrainedModel:
+    """A shared-core model built from a stock MoE model, sharing its non-expert tensors.
+
+    Args:
+        model: a transformers MoE causal LM of a supported family.
+        ranks: {"gate": r, "up": r, "down": r}.
+        experts: {layer index: SharedCoreExperts} with fitted factors; layers not given start from the
+            zero-shot init C = mean expert, U = 0, V ~ N(0, init_std²) (seeded per layer).
+        method: recorded in ``config.shared_core["method"]``.
+
+    Returns:
+        An instance of the family's ``SharedCore*ForCausalLM``. Routers, shared experts, attention, norms and
+        embeddings are the original tensors (not copies).
+
+    Raises:
+        UnsupportedModelError: unsupported model type or no MoE layers.
+    """
+    experts = dict(experts or {})
+    for layer, name in find_experts(model).items():
+        if layer not in experts:
+            old = model.get_submodule(name)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+            experts[layer] = SharedCoreExperts.from_dense(old.gate_up_proj.detach(), old.down_proj.detach(), ranks,
+                                                          model.config.hidden_act, init_std, generator=gen)
+    config = shared_core_config(model.config, ranks, method)
+    _, model_cls = shared_core_classes(config.model_type)
+    replaced = {name: layer for layer, name in find_experts(model).items()}
+    state = {}
+    for key, tensor in model.state_dict().items():
+        module_name = key.rpartition(".")[0]
+        if module_name not in replaced:
+            state[key] = tensor
+    for name, layer in replaced.items():
+        for key, tensor in experts[layer].state_dict().items():
+            state[f"{name}.{key}"] = tensor
+    return _model_from_state(model_cls, config, state, model)
+
+
+def _tied_keys(model: torch.nn.Module) -> set[str]:
+    """Parameter names that alias another parameter (e.g. a tied lm_head), which safetensors stores once."""
+    seen, tied = {}, set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.setdefault(id(p), name)
+    return tied
+
+
+def _atomic_dir(out_dir: Path, overwrite: bool):
+    """A temporary sibling directory to write into; ``_commit_dir`` moves it into place."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+
+def _commit_dir(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def write_modeling_files(out_dir: str | Path) -> None:
+    """Copy the package's own modules (verbatim) beside a checkpoint for ``trust_remote_code``."""
+    for module in SHIPPED_MODULES:
+        shutil.copyfile(module.__file__, Path(out_dir) / Path(module.__file__).name)
+
+
+def save_compressed(model: PreTrainedModel, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
+                    max_shard_size: str = "5GB", statistics: dict | None = None) -> Path:
+    """Save a shared-core model as a self-describing directory (see the module docstring).
+
+    The directory appears atomically: everything is written to a temporary sibling first.
+
+    Args:
+        model: a ``SharedCore*ForCausalLM`` (from ``compress_model`` or ``load_compressed``).
+        out_dir: destination directory.
+        tokenizer: saved beside the weights when given.
+        overwrite: replace an existing ``out_dir``.
+        statistics: extra entries merged into compression_statistics.yaml (e.g. reconstruction errors).
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        CheckpointError: ``model`` is not a shared-core model.
+    """
+    from .stats import compression_statistics
+
+    if not isinstance(getattr(model.config, "shared_core", None), dict):
+        raise CheckpointError("save_compressed needs a shared-core model; use compress_model first")
+    out_dir = Path(out_dir)
+    tmp = _atomic_dir(out_dir, overwrite)
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        write_modeling_files(tmp)
+        stats = compression_statistics(model.config)
+        stats.update(statistics or {})
+        (tmp / STATISTICS_FILE).write_text(yaml.safe_dump(stats, sort_keys=False))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def is_compressed_checkpoint(path: str | Path) -> bool:
+    """True when ``path/config.json`` carries a ``shared_core`` section."""
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and "shared_core" in json.loads(cfg.read_text())
+
+
+def read_weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of every tensor in a directory's safetensors file(s), read from headers only.
+
+    Raises:
+        CheckpointError: no safetensors weights, or an index naming a missing shard.
+    """
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{path} holds no model.safetensors or model.safetensors.index.json")
+    shapes = {}
+    for name in files:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: the index names shard {name}, which is missing")
+        with safe_open(path / name, framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def validate_compressed_checkpoint(path: str | Path) -> PretrainedConfig:
+    """Check that a compressed checkpoint's weights match its config before loading anything.
+
+    Returns:
+        The checkpoint's config (a ``SharedCore*Config``).
+
+    Raises:
+        CheckpointError: no config, no ``shared_core`` section, unknown format version, or weights with
+            missing keys, extra keys or wrong shapes (the message names them).
+        UnsupportedModelError: the base model type is not supported.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: not a model directory")
+    raw = json.loads((path / "config.json").read_text())
+    section = raw.get("shared_core")
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{path}/config.json has no shared_core section: not a compressed checkpoint")
+    if section.get("format_version") != SHARED_CORE_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unknown shared_core format_version {section.get('format_version')!r} "
+                              f"(this moe-ds reads version {SHARED_CORE_FORMAT_VERSION})")
+    if set(section.get("ranks", {})) != set(PROJECTIONS):
+        raise CheckpointError(f"{path}: shared_core.ranks must name {PROJECTIONS}, got {section.get('ranks')}")
+    config_cls, model_cls = shared_core_classes(raw.get("model_type", section.get("base_model_type", "")))
+    config = config_cls.from_pretrained(path)
+    with torch.device("meta"):
+        expected_model = model_cls(config)
+    tied = _tied_keys(expected_model)
+    expected = {k: tuple(v.shape) for k, v in expected_model.state_dict().items()}
+    found = read_weight_shapes(path)
+    missing = sorted(set(expected) - set(found) - tied)
+    extra = sorted(set(found) - set(expected))
+    wrong = sorted(f"{k}: expected {expected[k]}, found {found[k]}"
+                   for k in set(expected) & set(found) if expected[k] != found[k])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing weights (e.g. {', '.join(missing[:5])})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected weights (e.g. {', '.join(extra[:5])})")
+    if wrong:
+        problems.append(f"{len(wrong)} weights with wrong shapes (e.g. {'; '.join(wrong[:5])})")
+    if problems:
+        raise CheckpointError(f"{path} does not match its config (ranks {section['ranks']}): " + "; ".join(problems))
+    return config
+
+
+def register_auto_classes() -> None:
+    """Make ``AutoConfig``/``AutoModelForCausalLM`` resolve every ``shared_core_*`` type in this process."""
+    for config_cls, model_cls in modeling_shared_core.SHARED_CORE_CLASSES.values():
+        try:
+            AutoConfig.register(config_cls.model_type, config_cls)
+            AutoModelForCausalLM.register(config_cls, model_cls)
+        except ValueError:  # already registered
+            pass
+
+
+def load_compressed(path: str | Path, dtype: torch.dtype | str | None = None, **kwargs) -> PreTrainedModel:
+    """Load a compressed checkpoint with moe-ds's own classes (no ``trust_remote_code`` needed).
+
+    Validates the weights against the config first, then calls ``from_pretrained`` (which also handles
+    ``device_map``, dtype and ZeRO-3 partitioning when a DeepSpeed config is active).
+
+    Args:
+        path: compressed checkpoint directory.
+        dtype: load dtype (default: float32; "auto" keeps the stored dtype).
+        **kwargs: passed to ``from_pretrained``.
+
+    Raises:
+        CheckpointError: see ``validate_compressed_checkpoint``.
+    """
+    config = validate_compressed_checkpoint(path)
+    _, model_cls = shared_core_classes(config.model_type)
+    return model_cls.from_pretrained(path, config=config, dtype=dtype or torch.float32, **kwargs).eval()
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None, **kwargs) -> PreTrainedModel:
+    """Load a compressed checkpoint (``load_compressed``) or any plain HF causal LM (``from_pretrained``)."""
+    if is_compressed_checkpoint(path):
+        return load_compressed(path, dtype=dtype, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs).eval()
+
+
+def to_dense_model(model: PreTrainedModel) -> PreTrainedModel:
+    """The stock transformers model with every expert reconstructed densely (Ŵ_e), sharing other tensors."""
+    config = model.config
+    arch = get_architecture(config.model_type)
+    base_config = CONFIG_MAPPING[arch.model_type](**_base_config_dict(config))
+    base_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
+    experts = {name: model.get_submodule(name) for name in find_experts(model).values()}
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key.rpartition(".")[0] not in experts:
+            state[key] = tensor
+    with torch.no_grad():
+        for name, module in experts.items():
+            state[f"{name}.gate_up_proj"], state[f"{name}.down_proj"] = module.to_dense()
+    base_config.architectures = [base_cls.__name__]
+    return _model_from_state(base_cls, base_config, state, model)
+
+
+def export_dense(model_or_path: PreTrainedModel | str | Path, out_dir: str | Path, tokenizer=None,
+                 overwrite: bool = False) -> Path:
+    """Write a plain dense checkpoint (experts reconstructed) that loads with stock ``from_pretrained``.
+
+    This is what a user would serve (e.g. with vLLM); it has the original model's size.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+    """
+    if not isinstance(model_or_path, PreTrainedModel):
+        path = Path(model_or_path)
+        model = load_compressed(path, dtype="auto")
+        if tokenizer is None and (path / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        model = model_or_path
+    dense = to_dense_model(model)
+    out_dir = Path(out_dir)
+    tmp = _atomic_dir(out_dir, overwrite)
+    try:
+        dense.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
