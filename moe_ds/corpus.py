@@ -1,0 +1,176 @@
+"""Training text: load documents from local files or a Hugging Face dataset, tokenise, pack.
+
+Loading goes through ``datasets.load_dataset(..., streaming=True)`` for every source, so a local JSONL file
+and a multi-terabyte hub dataset (``HuggingFaceFW/fineweb-edu``, config ``sample-10BT``) are read the same
+way, document by document, in the source's order. Packing is deterministic: documents are tokenised without
+special tokens, each followed by the tokenizer's EOS id (when it has one), concatenated, and cut into
+consecutive sequences of exactly ``seq_len`` tokens; the tail shorter than one sequence is dropped. The
+resulting order does not depend on how many ranks consume it.
+"""
+
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("moe_ds")
+
+# file suffix -> datasets builder
+_FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet",
+            ".txt": "text", ".text": "text", ".md": "text"}
+
+
+class CorpusError(ValueError):
+    """The corpus is missing, empty, too short, or its text field cannot be found."""
+
+
+class Corpus:
+    """Documents (str, in source order) and a description of the source recorded in the cache."""
+
+    def __init__(self, rows: Iterable[dict], source: str, text_field: str | None, name: str):
+        self.rows, self.source, self.text_field, self.name = rows, source, text_field, name
+
+    @property
+    def description(self) -> str:
+        """Source and text field (the field is known once the first document has been read)."""
+        return f"{self.source} field={self.text_field or 'auto'}"
+
+    @property
+    def documents(self) -> Iterator[str]:
+        for row in self.rows:
+            if self.text_field is None:
+                self.text_field = _pick_field(row, self.name)
+            if self.text_field not in row:
+                raise CorpusError(f"{self.name}: a record has no field '{self.text_field}' (fields: "
+                                  f"{sorted(row)}); pass --text-field")
+            text = row[self.text_field]
+            if not isinstance(text, str):
+                raise CorpusError(f"{self.name}: field '{self.text_field}' holds {type(text).__name__}, not text")
+            yield text
+
+
+def _suffix_format(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix, fmt in sorted(_FORMATS.items(), key=lambda kv: -len(kv[0])):
+        if name.endswith(suffix):
+            return fmt
+    return None
+
+
+def _local_files(path: Path) -> tuple[str, list[str]]:
+    files = sorted(p for p in path.iterdir() if p.is_file() and _suffix_format(p)) if path.is_dir() else [path]
+    if not files:
+        raise CorpusError(f"{path}: no .jsonl/.json/.parquet/.txt files in this folder")
+    formats = {_suffix_format(p) for p in files}
+    if None in formats:
+        raise CorpusError(f"{path}: unknown file type; expected one of {', '.join(sorted(_FORMATS))}")
+    if len(formats) > 1:
+        raise CorpusError(f"{path}: mixes file types {sorted(formats)}; use one type per corpus")
+    return formats.pop(), [str(p) for p in files]
+
+
+def _looks_local(data: str) -> bool:
+    return data.startswith(("/", "./", "../", "~")) or _suffix_format(Path(data)) is not None
+
+
+def load_corpus(data: str, text_field: str | None = None, split: str = "train",
+                dataset_config: str | None = None) -> Corpus:
+    """Documents from a local file/folder or a Hugging Face dataset name, streamed in order.
+
+    Args:
+        data: a .jsonl/.json(.gz)/.parquet/.txt file, a folder of such files (read in sorted name order),
+            or a hub dataset name (needs network; ``HF_DATASETS_OFFLINE=1`` makes that an error).
+        text_field: column holding the text; default "text", or the only string column when there is no
+            "text". Plain-text files are one document per file.
+        split: dataset split (hub datasets; local files are "train").
+        dataset_config: hub dataset configuration, e.g. "sample-10BT" for fineweb-edu.
+
+    Raises:
+        CorpusError: a local path does not exist or has an unknown type, a hub dataset cannot be loaded, or
+            the text field cannot be found.
+    """
+    import datasets
+
+    path = Path(data).expanduser()
+    if path.exists() or _looks_local(data):
+        if not path.exists():
+            raise CorpusError(f"data path {data} does not exist")
+        fmt, files = _local_files(path)
+        kwargs = {"sample_by": "document"} if fmt == "text" else {}
+        ds = datasets.load_dataset(fmt, data_files=files, split="train", streaming=True, **kwargs)
+        source = f"{fmt}:{path.resolve()}"
+    else:
+        try:
+            ds = datasets.load_dataset(data, dataset_config, split=split, streaming=True)
+        except (FileNotFoundError, ConnectionError, ValueError) as e:
+            raise CorpusError(f"{data} is neither a local file nor a loadable hub dataset (offline, or a "
+                              f"misspelt name/config?): {type(e).__name__}: {e}") from e
+        source = f"hub:{data}" + (f"/{dataset_config}" if dataset_config else "") + f":{split}"
+    return Corpus(ds, source, text_field, data)
+
+
+def _pick_field(row: dict, data: str) -> str:
+    if "text" in row:
+        return "text"
+    strings = [k for k, v in row.items() if isinstance(v, str)]
+    if len(strings) == 1:
+        return strings[0]
+    raise CorpusError(f"{data}: no 'text' field and {len(strings)} string fields {strings}; pass --text-field")
+
+
+def pack_sequences(documents: Iterable[str], tokenizer, seq_len: int, max_sequences: int | None = None,
+                   batch_docs: int = 256, name: str = "corpus") -> Iterator[np.ndarray]:
+    """Tokenise documents and cut the EOS-separated token stream into fixed-length sequences.
+
+    Args:
+        documents: texts in corpus order; empty ones are skipped.
+        tokenizer: a transformers tokenizer (fast ones tokenise a batch in parallel).
+        seq_len: T, tokens per sequence (>= 1).
+        max_sequences: stop after this many sequences (None: until the corpus ends).
+        batch_docs: documents tokenised per call.
+        name: corpus name for error messages.
+
+    Yields:
+        [T] int32 arrays, in a deterministic order.
+
+    Raises:
+        CorpusError: the corpus holds no text, or fewer tokens than one sequence (raised on exhaustion,
+            before anything would be yielded).
+    """
+    eos = tokenizer.eos_token_id
+    buf: list[int] = []
+    n_docs = n_tokens = n_seqs = 0
+    batch: list[str] = []
+
+    def flush_batch() -> Iterator[np.ndarray]:
+        nonlocal n_tokens, n_seqs, buf
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            buf.extend(ids)
+            if eos is not None:
+                buf.append(eos)
+            n_tokens += len(ids) + (eos is not None)
+        start = 0
+        while len(buf) - start >= seq_len and (max_sequences is None or n_seqs < max_sequences):
+            yield np.asarray(buf[start:start + seq_len], dtype=np.int32)
+            start += seq_len
+            n_seqs += 1
+        buf = buf[start:]
+
+    for text in documents:
+        if not text:
+            continue
+        n_docs += 1
+        batch.append(text)
+        if len(batch) >= batch_docs:
+            yield from flush_batch()
+            batch = []
+            if max_sequences is not None and n_seqs >= max_sequences:
+                return
+    if batch:
+        yield from flush_batch()
+    if n_docs == 0:
+        raise CorpusError(f"{name} is empty: it holds no non-empty text")
+    if n_seqs == 0:
+        raise CorpusError(f"{name} has only {n_tokens} tokens ({n_docs} documents), fewer than one sequence of "
+                          f"{seq_len}; lower --seq-len or add text")

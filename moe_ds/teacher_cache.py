@@ -1,0 +1,532 @@
+"""The teacher top-k logit cache: one HDF5 layout, written and read only here.
+
+A cache ``OUT.h5`` is one index file plus one shard per rank in ``OUT.shards/``::
+
+    OUT.h5                                   index: attributes + virtual datasets over the shards
+    OUT.shards/rank-00000-of-00002.h5        sequences 0, 2, 4, ... (global order, stride = world size)
+    OUT.shards/rank-00001-of-00002.h5        sequences 1, 3, 5, ...
+
+Every file holds four datasets, one row per packed sequence (N rows, T positions, k entries):
+
+    input_ids    [N, T]     int32    token ids the teacher read (the distillation input, exactly)
+    topk_ids     [N, T, k]  int32    ids of the teacher's k largest logits, largest first
+    topk_logits  [N, T, k]  float16  those raw logits at temperature 1 (not log-probabilities)
+    logsumexp    [N, T]     float32  log sum_v exp(logit_v) over the FULL teacher vocabulary
+
+so ``log p_v = logit_v - logsumexp`` for the top-k ids, a distillation temperature tau within the top-k is
+``softmax(topk_logits / tau)``, and the exact probability mass outside the top-k at tau = 1 is
+``1 - sum(exp(topk_logits - logsumexp))`` (see ``topk_logprobs`` and ``tail_mass``). Logits of a bf16 teacher
+fit float16 exactly for |x| in [6.1e-5, 65504] (float16 has more mantissa bits than bf16); the pass refuses
+logits outside float16's range rather than storing infinities.
+
+Datasets are chunked one sequence per chunk, optionally compressed (none/lzf/gzip, with byte shuffle) and
+always carry a Fletcher-32 checksum, so a corrupted chunk is an error at read time, never silent garbage.
+
+The index's datasets are HDF5 virtual datasets (``h5py.File("OUT.h5")["topk_ids"][i]`` works in any tool;
+source paths are relative, so the folder can be moved). ``TeacherCacheDataset`` reads the shards directly and
+validates every one on open, because a virtual dataset silently returns fill values for a missing source.
+
+Completeness: a shard's ``complete`` attribute is set True only after its last row is written and flushed;
+the index file is written to a temporary name and renamed into place once every shard is complete, so an
+``OUT.h5`` that exists presents a finished cache, and readers refuse any shard that is not complete.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+logger = logging.getLogger("moe_ds")
+
+FORMAT_VERSION = 1
+COMPRESSIONS = ("none", "lzf", "gzip")
+SHARDS_SUFFIX = ".shards"  # OUT.h5 -> OUT.shards/
+FLOAT16_MAX = 65504.0
+
+# name -> (dtype, trailing shape builder from (T, k))
+_DATASETS = {
+    "input_ids": (np.int32, lambda t, k: (t,)),
+    "topk_ids": (np.int32, lambda t, k: (t, k)),
+    "topk_logits": (np.float16, lambda t, k: (t, k)),
+    "logsumexp": (np.float32, lambda t, k: (t,)),
+}
+
+
+class CacheFormatError(ValueError):
+    """A cache file is missing, truncated, corrupted, incomplete, of another version or inconsistent."""
+
+
+class TokenizerMismatchError(ValueError):
+    """The student's tokenizer or vocabulary differs from the one the cache was written with."""
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """Attributes of a cache (index file) or of one shard.
+
+    Fields from ``format_version`` to ``world_size`` identify a run: every shard of a cache, and a resumed
+    shard, must agree on them. ``num_sequences`` is the row count of the file it was read from.
+    """
+
+    format_version: int  # FORMAT_VERSION of the writer
+    teacher_name: str  # path or hub id the teacher was loaded from
+    teacher_config_hash: str  # sha256 of the teacher's config (see config_hash)
+    tokenizer_name: str  # path or hub id of the tokenizer
+    tokenizer_hash: str  # sha256 of the token -> id map (see tokenizer_fingerprint)
+    tokenizer_size: int  # len(tokenizer): ids 0..tokenizer_size-1 are real tokens
+    vocab_size: int  # width V of the teacher's logits (>= tokenizer_size; padded embeddings allowed)
+    k: int  # entries per position in topk_ids / topk_logits
+    seq_len: int  # T, tokens per packed sequence
+    dataset: str  # corpus and packing description (source, field, separator, limits)
+    logits_dtype: str  # on-disk dtype of topk_logits ("float16")
+    teacher_dtype: str  # precision the teacher ran in ("float32", "bfloat16", "8bit", ...)
+    compression: str  # "none" | "lzf" | "gzip"
+    world_size: int  # number of shards; sequence g lives in shard g % world_size, row g // world_size
+    num_sequences: int = 0  # N, rows in this file
+    complete: bool = False  # True only once every row is written (set last)
+    created: str = ""  # ISO time the file was (last) created
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_sequences * self.seq_len
+
+    def identity(self) -> dict:
+        """The fields that must agree between the shards of one cache and across a resume."""
+        skip = {"num_sequences", "complete", "created"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+    def to_attrs(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_attrs(cls, attrs, path: str | Path) -> "CacheMeta":
+        """Read from an h5py attribute mapping.
+
+        Raises:
+            CacheFormatError: an attribute is missing or the format version is not FORMAT_VERSION.
+        """
+        if "format_version" not in attrs:
+            raise CacheFormatError(f"{path}: no 'format_version' attribute; not a moe_ds teacher cache")
+        version = int(attrs["format_version"])
+        if version != FORMAT_VERSION:
+            raise CacheFormatError(f"{path}: unknown format version {version} (this code reads version "
+                                   f"{FORMAT_VERSION}); re-create the cache or update moe_ds")
+        missing = [f.name for f in fields(cls) if f.name not in attrs]
+        if missing:
+            raise CacheFormatError(f"{path}: missing attribute(s) {', '.join(missing)}; the file is damaged or "
+                                   "was not written by moe_ds.teacher_cache")
+        values = {}
+        for f in fields(cls):
+            v = attrs[f.name]
+            v = v.decode() if isinstance(v, bytes) else v
+            values[f.name] = bool(v) if f.type in (bool, "bool") else (int(v) if f.type in (int, "int") else str(v))
+        return cls(**values)
+
+
+def shard_dir(output: str | Path) -> Path:
+    """``OUT.shards`` beside ``OUT.h5``."""
+    output = Path(output)
+    return output.with_name(output.stem + SHARDS_SUFFIX)
+
+
+def shard_path(output: str | Path, rank: int, world_size: int) -> Path:
+    """Path of rank ``rank``'s shard of the cache ``output``."""
+    return shard_dir(output) / f"rank-{rank:05d}-of-{world_size:05d}.h5"
+
+
+def shard_rows(num_sequences: int, rank: int, world_size: int) -> int:
+    """Rows of shard ``rank``: global sequences rank, rank + W, rank + 2W, ... below ``num_sequences``."""
+    return len(range(rank, num_sequences, world_size))
+
+
+def tokenizer_fingerprint(tokenizer) -> tuple[str, str, int]:
+    """(name, sha256 of the token -> id map including added tokens, len(tokenizer)).
+
+    Only the id mapping matters downstream: the cache stores token ids, so two tokenizers that split text
+    differently but map ids to the same strings give the student the same targets.
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+    return str(getattr(tokenizer, "name_or_path", "") or ""), digest, len(tokenizer)
+
+
+def config_hash(config) -> str:
+    """sha256 of a transformers config, without fields that do not change the function it computes."""
+    d = config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config",
+                "_attn_implementation_autoset", "architectures"):
+        d.pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def topk_logprobs(topk_logits: torch.Tensor, logsumexp: torch.Tensor) -> torch.Tensor:
+    """Teacher log-probabilities of the cached ids at temperature 1.
+
+    Args:
+        topk_logits: [..., k] raw logits (any float dtype).
+        logsumexp: [...] float32, log-partition over the full vocabulary.
+
+    Returns:
+        [..., k] float32, ``topk_logits - logsumexp``.
+    """
+    return topk_logits.float() - logsumexp.float().unsqueeze(-1)
+
+
+def tail_mass(topk_logits: torch.Tensor, logsumexp: torch.Tensor) -> torch.Tensor:
+    """Teacher probability mass outside the top-k at temperature 1.
+
+    Args:
+        topk_logits: [..., k]; logsumexp: [...].
+
+    Returns:
+        [...] float32 in [0, 1]; clamped at 0 against float16 rounding of the stored logits.
+    """
+    return (1.0 - topk_logprobs(topk_logits, logsumexp).exp().sum(-1)).clamp_min(0.0)
+
+
+def _open(path: Path, mode: str = "r") -> h5py.File:
+    """h5py.File with errors that name the problem."""
+    if not path.exists():
+        raise CacheFormatError(f"{path}: no such cache file")
+    try:
+        return h5py.File(path, mode)
+    except OSError as e:
+        raise CacheFormatError(f"{path}: cannot open as HDF5 (truncated or corrupted file): {e}") from e
+
+
+def _check_datasets(f: h5py.File, meta: CacheMeta, path: Path) -> None:
+    for name, (dtype, trailing) in _DATASETS.items():
+        if name not in f:
+            raise CacheFormatError(f"{path}: dataset '{name}' is missing")
+        d = f[name]
+        want = (meta.num_sequences, *trailing(meta.seq_len, meta.k))
+        if d.shape != want or d.dtype != dtype:
+            raise CacheFormatError(f"{path}: dataset '{name}' is {d.shape} {d.dtype}, attributes say {want} "
+                                   f"{np.dtype(dtype)}")
+
+
+def read_meta(path: str | Path) -> CacheMeta:
+    """Attributes of a cache index or shard file, validated.
+
+    Raises:
+        CacheFormatError: the file is missing, truncated/corrupted, lacks an attribute, has another format
+            version, is not marked complete, or its datasets disagree with its attributes.
+    """
+    path = Path(path)
+    with _open(path) as f:
+        meta = CacheMeta.from_attrs(f.attrs, path)
+        if not meta.complete:
+            raise CacheFormatError(f"{path}: incomplete (the writing run stopped before its last write); "
+                                   "rerun the caching pass with the same arguments to resume it")
+        _check_datasets(f, meta, path)
+    return meta
+
+
+def check_tokenizer_compatible(meta: CacheMeta, tokenizer=None, vocab_size: int | None = None) -> None:
+    """Refuse to distil from a cache written with another tokenizer or vocabulary.
+
+    Call before training starts. Token ids in the cache index the teacher's vocabulary; a student whose
+    tokenizer maps ids to other strings, or whose logits have another width, would learn wrong targets.
+
+    Args:
+        meta: the cache's attributes (``TeacherCacheDataset.meta`` or ``read_meta``).
+        tokenizer: the student's tokenizer; its size and token -> id map must equal the teacher's.
+        vocab_size: width of the student's logits; must equal ``meta.vocab_size``.
+
+    Raises:
+        TokenizerMismatchError: naming what differs.
+    """
+    if tokenizer is not None:
+        name, digest, size = tokenizer_fingerprint(tokenizer)
+        if size != meta.tokenizer_size:
+            raise TokenizerMismatchError(f"student tokenizer '{name}' has {size} tokens, the cache was written "
+                                         f"with '{meta.tokenizer_name}' of {meta.tokenizer_size} tokens")
+        if digest != meta.tokenizer_hash:
+            raise TokenizerMismatchError(f"student tokenizer '{name}' maps tokens to ids differently from the "
+                                         f"cache's '{meta.tokenizer_name}' (vocabulary hash {digest[:12]} != "
+                                         f"{meta.tokenizer_hash[:12]})")
+    if vocab_size is not None and vocab_size != meta.vocab_size:
+        raise TokenizerMismatchError(f"student logits have {vocab_size} entries, the cached teacher's have "
+                                     f"{meta.vocab_size}; top-k ids and logsumexp would not line up")
+
+
+class ShardWriter:
+    """Appends packed sequences and their teacher top-k to one rank's shard; resumes a stopped shard.
+
+    Rows are appended in batches; after each batch the row count attribute ``num_sequences`` is updated and
+    the file flushed, so a killed run loses at most the batch in flight. ``finish`` sets ``complete`` last.
+    The file is created on the first ``append``/``finish``, so a run that fails before writing leaves none.
+    """
+
+    def __init__(self, path: str | Path, meta: CacheMeta, overwrite: bool = False, gzip_level: int = 4):
+        """Open (resume) or prepare a shard.
+
+        Args:
+            path: shard file path (see ``shard_path``).
+            meta: attributes of this run; ``num_sequences``/``complete``/``created`` are managed here.
+            overwrite: delete an existing shard instead of resuming it.
+            gzip_level: 0-9, used when ``meta.compression == "gzip"``.
+
+        Raises:
+            CacheFormatError: an existing shard was written by a run with other attributes (other teacher,
+                tokenizer, k, T, data, dtype, compression or world size).
+        """
+        if meta.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {meta.compression!r}")
+        self.path, self.gzip_level = Path(path), gzip_level
+        self.meta = replace(meta, num_sequences=0, complete=False, created=_now())
+        self._f: h5py.File | None = None
+        if self.path.exists() and overwrite:
+            self.path.unlink()
+        if self.path.exists():
+            self._resume()
+
+    @property
+    def num_done(self) -> int:
+        return self.meta.num_sequences
+
+    @property
+    def complete(self) -> bool:
+        return self.meta.complete
+
+    def _resume(self) -> None:
+        try:
+            f = h5py.File(self.path, "a")
+        except OSError as e:
+            if "lock" in str(e).lower():
+                raise CacheFormatError(f"{self.path} is open in another process (another caching run on the same "
+                                       f"output?): {e}") from e
+            # A kill during a flush can leave the file unreadable: keep it for inspection, restart the shard.
+            broken = self.path.with_suffix(".h5.broken")
+            os.replace(self.path, broken)
+            logger.warning("%s cannot be reopened (%s); moved to %s and restarting this shard", self.path, e,
+                           broken)
+            return
+        try:
+            old = CacheMeta.from_attrs(f.attrs, self.path)
+        except CacheFormatError:
+            f.close()
+            raise
+        mine, theirs = self.meta.identity(), old.identity()
+        diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
+        if diff:
+            f.close()
+            what = "; ".join(f"{k}: existing {a!r} != requested {b!r}" for k, (a, b) in diff.items())
+            raise CacheFormatError(f"{self.path} was written by a different run ({what}); pass --overwrite "
+                                   "or choose another --output")
+        # Rows past the last flushed count belong to a batch that was in flight when the run stopped.
+        for name in _DATASETS:
+            f[name].resize(old.num_sequences, axis=0)
+        self._f, self.meta = f, replace(self.meta, num_sequences=old.num_sequences, complete=old.complete,
+                                        created=old.created)
+
+    def _create(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = h5py.File(self.path, "w")
+        filters = {}
+        if self.meta.compression != "none":
+            filters = dict(compression=self.meta.compression, shuffle=True)
+            if self.meta.compression == "gzip":
+                filters["compression_opts"] = self.gzip_level
+        for name, (dtype, trailing) in _DATASETS.items():
+            tail = trailing(self.meta.seq_len, self.meta.k)
+            f.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), chunks=(1, *tail), dtype=dtype,
+                             fletcher32=True, **filters)
+        self._f = f
+        self._write_attrs()
+
+    def _write_attrs(self) -> None:
+        for key, value in self.meta.to_attrs().items():
+            self._f.attrs[key] = value
+        self._f.flush()
+
+    def append(self, input_ids, topk_ids, topk_logits, logsumexp) -> None:
+        """Append B sequences.
+
+        Args:
+            input_ids: [B, T] integer token ids.
+            topk_ids: [B, T, k] integer ids in [0, vocab_size).
+            topk_logits: [B, T, k] float, finite and within float16 range.
+            logsumexp: [B, T] float.
+
+        Raises:
+            ValueError: shapes disagree with (T, k), or ids/logits are out of range.
+            RuntimeError: the shard is already complete.
+        """
+        if self.complete:
+            raise RuntimeError(f"{self.path} is complete; nothing may be appended")
+        arrays = {"input_ids": input_ids, "topk_ids": topk_ids, "topk_logits": topk_logits, "logsumexp": logsumexp}
+        arrays = {k: (v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in arrays.items()}
+        b = arrays["input_ids"].shape[0]
+        for name, (dtype, trailing) in _DATASETS.items():
+            want = (b, *trailing(self.meta.seq_len, self.meta.k))
+            if arrays[name].shape != want:
+                raise ValueError(f"{name}: shape {arrays[name].shape}, expected {want}")
+        ids = arrays["topk_ids"]
+        if ids.size and (ids.min() < 0 or ids.max() >= self.meta.vocab_size):
+            raise ValueError(f"topk_ids outside [0, {self.meta.vocab_size})")
+        logits = arrays["topk_logits"].astype(np.float32)
+        if not np.isfinite(logits).all() or np.abs(logits).max(initial=0) > FLOAT16_MAX:
+            raise ValueError("topk_logits are non-finite or beyond float16's range (|x| > 65504)")
+        if self._f is None:
+            self._create()
+        n = self.num_done
+        for name, (dtype, _) in _DATASETS.items():
+            d = self._f[name]
+            d.resize(n + b, axis=0)
+            d[n:n + b] = arrays[name].astype(dtype)
+        self.meta = replace(self.meta, num_sequences=n + b)
+        self._write_attrs()  # the row count is flushed after the rows it counts
+
+    def finish(self) -> CacheMeta:
+        """Mark the shard complete (the last write) and close it. Returns its final attributes."""
+        if self._f is None:
+            self._create()
+        self.meta = replace(self.meta, complete=True)
+        self._write_attrs()
+        self.close()
+        return self.meta
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _shard_metas(output: Path, meta: CacheMeta) -> tuple[list[Path], list[CacheMeta]]:
+    """Validate every shard of a cache against the index attributes ``meta``."""
+    paths = [shard_path(output, r, meta.world_size) for r in range(meta.world_size)]
+    metas = []
+    for r, p in enumerate(paths):
+        m = read_meta(p)
+        diff = [k for k, v in meta.identity().items() if m.identity()[k] != v]
+        if diff:
+            raise CacheFormatError(f"{p}: attributes {', '.join(diff)} differ from the index {output}")
+        want = shard_rows(meta.num_sequences, r, meta.world_size)
+        if m.num_sequences != want:
+            raise CacheFormatError(f"{p}: {m.num_sequences} sequences, expected {want} of {meta.num_sequences}")
+        metas.append(m)
+    return paths, metas
+
+
+def write_index(output: str | Path, world_size: int) -> CacheMeta:
+    """Join the complete shards of ``output`` into the index file ``output`` (atomically).
+
+    Args:
+        output: the cache path ``OUT.h5``; shards are read from ``OUT.shards/``.
+        world_size: number of shards.
+
+    Returns:
+        The index attributes (``num_sequences`` = total N).
+
+    Raises:
+        CacheFormatError: a shard is missing, incomplete, corrupted or from another run, or the shards'
+            row counts do not add up to a strided split of N sequences.
+    """
+    output = Path(output)
+    first = read_meta(shard_path(output, 0, world_size))
+    total = sum(read_meta(shard_path(output, r, world_size)).num_sequences for r in range(world_size))
+    meta = replace(first, num_sequences=total, complete=True, created=_now())
+    paths, metas = _shard_metas(output, meta)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    with h5py.File(tmp, "w") as f:
+        for name, (dtype, trailing) in _DATASETS.items():
+            tail = trailing(meta.seq_len, meta.k)
+            layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dtype)
+            for r, (p, m) in enumerate(zip(paths, metas)):
+                if m.num_sequences:
+                    src = h5py.VirtualSource(str(p.relative_to(output.parent)), name, shape=(m.num_sequences, *tail))
+                    layout[r:total:world_size] = src
+            f.create_virtual_dataset(name, layout, fillvalue=0)
+        for key, value in meta.to_attrs().items():
+            if key != "complete":
+                f.attrs[key] = value
+        f.attrs["complete"] = True  # set last
+    os.replace(tmp, output)
+    return meta
+
+
+class TeacherCacheDataset(torch.utils.data.Dataset):
+    """Packed sequences with their teacher top-k, in the cache's global order.
+
+    Item ``i`` is a dict of tensors:
+
+        input_ids    [T]     int64
+        topk_ids     [T, k]  int64
+        topk_logits  [T, k]  float32   raw teacher logits at temperature 1
+        logsumexp    [T]     float32   over the teacher's full vocabulary
+
+    The index and every shard are validated on construction (and closed again); shard files are opened
+    lazily in the process that reads, because h5py handles do not survive a fork into DataLoader workers.
+
+    Attributes:
+        meta: the cache's ``CacheMeta`` (k, seq_len, vocab_size, tokenizer name/hash/size, teacher, ...).
+    """
+
+    def __init__(self, path: str | Path, tokenizer=None, vocab_size: int | None = None):
+        """Open a cache.
+
+        Args:
+            path: the index file ``OUT.h5``.
+            tokenizer: the student's tokenizer, checked with ``check_tokenizer_compatible``.
+            vocab_size: width of the student's logits, checked likewise.
+
+        Raises:
+            CacheFormatError: the index or a shard is missing, truncated, corrupted, incomplete, of an unknown
+                version or inconsistent.
+            TokenizerMismatchError: the student's tokenizer or vocabulary differs from the cache's.
+        """
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self.shard_paths, _ = _shard_metas(self.path, self.meta)
+        check_tokenizer_compatible(self.meta, tokenizer, vocab_size)
+        self._files: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self.meta.num_sequences
+
+    def _shard(self, r: int) -> h5py.File:
+        if self._pid != os.getpid():  # forked into a worker: the parent's handles are not ours
+            self._files, self._pid = {}, os.getpid()
+        if r not in self._files:
+            self._files[r] = _open(self.shard_paths[r])
+        return self._files[r]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sequence {i} out of range for a cache of {n}")
+        i %= n
+        r, row = i % self.meta.world_size, i // self.meta.world_size
+        f = self._shard(r)
+        try:
+            arrays = {name: f[name][row] for name in _DATASETS}
+        except OSError as e:
+            raise CacheFormatError(f"{self.shard_paths[r]}: cannot read sequence {i} (row {row}); the file is "
+                                   f"corrupted: {e}") from e
+        return {"input_ids": torch.from_numpy(arrays["input_ids"].astype(np.int64)),
+                "topk_ids": torch.from_numpy(arrays["topk_ids"].astype(np.int64)),
+                "topk_logits": torch.from_numpy(arrays["topk_logits"].astype(np.float32)),
+                "logsumexp": torch.from_numpy(arrays["logsumexp"])}
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"] = {}  # handles are per process
+        return state

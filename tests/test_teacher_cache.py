@@ -1,0 +1,422 @@
+"""Teacher top-k cache: format round trip, validation of bad input, and the real 2-rank caching pass."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from tokenizers import Tokenizer, models
+
+from conftest import REPO, SHARED_DATA, launcher_env, tiny_model
+from moe_ds import teacher_cache as tc
+from moe_ds.cache_teacher import (STOP_AFTER_ENV, CacheTeacherConfig, cache_teacher, check_teacher_vocab,
+                                  load_teacher, teacher_topk)
+from moe_ds.corpus import CorpusError, load_corpus, pack_sequences
+
+WIKITEXT = SHARED_DATA / "wikitext2_raw_test_docs.jsonl"
+
+
+def _meta(**kw) -> tc.CacheMeta:
+    base = dict(format_version=tc.FORMAT_VERSION, teacher_name="t", teacher_config_hash="c", tokenizer_name="tok",
+                tokenizer_hash="h", tokenizer_size=50, vocab_size=64, k=4, seq_len=8, dataset="d",
+                logits_dtype="float16", teacher_dtype="float32@cpu", compression="lzf", world_size=2)
+    base.update(kw)
+    return tc.CacheMeta(**base)
+
+
+def _random_rows(n: int, meta: tc.CacheMeta, seed: int) -> dict[str, np.ndarray]:
+    g = np.random.default_rng(seed)
+    t, k, v = meta.seq_len, meta.k, meta.vocab_size
+    logits = g.normal(0, 3, (n, t, v)).astype(np.float32)
+    ids = np.argsort(-logits, axis=-1)[..., :k]
+    return {"input_ids": g.integers(0, meta.tokenizer_size, (n, t)).astype(np.int32),
+            "topk_ids": ids.astype(np.int32),
+            "topk_logits": np.take_along_axis(logits, ids, -1).astype(np.float16),
+            "logsumexp": np.log(np.exp(logits).sum(-1)).astype(np.float32)}
+
+
+def _write_cache(out: Path, meta: tc.CacheMeta, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Write ``n`` random sequences as a 2-shard cache the way the ranks do; returns them in global order."""
+    rows = _random_rows(n, meta, seed)
+    for r in range(meta.world_size):
+        w = tc.ShardWriter(tc.shard_path(out, r, meta.world_size), meta, overwrite=True)
+        sel = slice(r, n, meta.world_size)
+        part = {name: a[sel] for name, a in rows.items()}
+        w.append(part["input_ids"][:2], part["topk_ids"][:2], part["topk_logits"][:2], part["logsumexp"][:2])
+        w.append(part["input_ids"][2:], part["topk_ids"][2:], part["topk_logits"][2:], part["logsumexp"][2:])
+        w.finish()
+    tc.write_index(out, meta.world_size)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- format
+
+@pytest.mark.parametrize("compression", tc.COMPRESSIONS)
+def test_roundtrip_exact_through_reader_vds_and_workers(tmp_path, compression):
+    meta = _meta(compression=compression)
+    out = tmp_path / "c.h5"
+    rows = _write_cache(out, meta, n=7)
+    ds = tc.TeacherCacheDataset(out)
+    assert len(ds) == 7 and ds.meta.num_tokens == 56 and ds.meta.compression == compression
+    for i in range(7):
+        item = ds[i]
+        assert item["input_ids"].dtype == torch.int64 and item["input_ids"].shape == (8,)
+        assert item["topk_ids"].dtype == torch.int64 and item["topk_ids"].shape == (8, 4)
+        assert item["topk_logits"].dtype == torch.float32 and item["logsumexp"].dtype == torch.float32
+        for name in rows:
+            np.testing.assert_array_equal(item[name].numpy(), rows[name][i].astype(item[name].numpy().dtype))
+    with h5py.File(out) as f:  # the index's virtual datasets present the shards in global order
+        for name in rows:
+            np.testing.assert_array_equal(f[name][:], rows[name])
+    # Lazy per-worker handles: 2 forked workers read everything exactly once.
+    seen = torch.cat([b["input_ids"] for b in torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2)])
+    np.testing.assert_array_equal(seen.numpy(), rows["input_ids"])
+
+
+def test_index_survives_moving_the_folder(tmp_path):
+    rows = _write_cache(tmp_path / "a" / "c.h5", _meta(), n=5)
+    (tmp_path / "a").rename(tmp_path / "b")
+    with h5py.File(tmp_path / "b" / "c.h5") as f:
+        np.testing.assert_array_equal(f["topk_ids"][:], rows["topk_ids"])
+    assert len(tc.TeacherCacheDataset(tmp_path / "b" / "c.h5")) == 5
+
+
+def test_logprobs_and_tail_mass_match_full_softmax():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 100, generator=g) * 4
+    ids, vals, lse = teacher_topk(logits, k=10, chunk=2)
+    full = logits.log_softmax(-1)
+    torch.testing.assert_close(tc.topk_logprobs(vals, lse), full.gather(-1, ids.long()), rtol=0, atol=1e-5)
+    outside = full.exp().sum(-1) - full.exp().gather(-1, ids.long()).sum(-1)
+    torch.testing.assert_close(tc.tail_mass(vals, lse), outside, rtol=0, atol=1e-5)
+    assert ids.dtype == torch.int32 and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, logits.logsumexp(-1), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(ids.numpy(), logits.topk(10, -1).indices.numpy())
+
+
+def test_teacher_topk_refuses_nonfinite_logits():
+    logits = torch.zeros(1, 4, 10)
+    logits[0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        teacher_topk(logits, 2)
+
+
+def test_writer_resumes_after_unflushed_rows_and_refuses_another_run(tmp_path):
+    meta = _meta(world_size=1)
+    path = tc.shard_path(tmp_path / "c.h5", 0, 1)
+    rows = _random_rows(5, meta, 1)
+    w = tc.ShardWriter(path, meta)
+    w.append(*(rows[n][:2] for n in ("input_ids", "topk_ids", "topk_logits", "logsumexp")))
+    # Rows written but not yet counted (a kill between the data write and the count update).
+    w._f["input_ids"].resize(4, axis=0)
+    w._f.flush()
+    w._f.close()
+    with pytest.raises(tc.CacheFormatError, match="incomplete"):
+        tc.read_meta(path)
+    w = tc.ShardWriter(path, meta)
+    assert w.num_done == 2 and not w.complete
+    w.append(*(rows[n][2:] for n in ("input_ids", "topk_ids", "topk_logits", "logsumexp")))
+    assert w.finish().num_sequences == 5
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(f["topk_logits"][:], rows["topk_logits"])
+    with pytest.raises(tc.CacheFormatError, match=r"different run \(k: existing 4 != requested 5"):
+        tc.ShardWriter(path, _meta(world_size=1, k=5))
+    w = tc.ShardWriter(path, _meta(world_size=1, k=5), overwrite=True)
+    assert w.num_done == 0 and not path.exists()
+
+
+def test_writer_refuses_bad_rows(tmp_path):
+    meta = _meta(world_size=1)
+    w = tc.ShardWriter(tmp_path / "s.h5", meta)
+    rows = _random_rows(1, meta, 0)
+    bad = dict(rows, topk_logits=np.full_like(rows["topk_logits"], np.inf))
+    with pytest.raises(ValueError, match="float16"):
+        w.append(*(bad[n] for n in ("input_ids", "topk_ids", "topk_logits", "logsumexp")))
+    bad = dict(rows, topk_ids=rows["topk_ids"] + 64)
+    with pytest.raises(ValueError, match=r"outside \[0, 64\)"):
+        w.append(*(bad[n] for n in ("input_ids", "topk_ids", "topk_logits", "logsumexp")))
+    with pytest.raises(ValueError, match="shape"):
+        w.append(rows["input_ids"][:, :4], rows["topk_ids"], rows["topk_logits"], rows["logsumexp"])
+    assert not (tmp_path / "s.h5").exists()  # nothing written for refused rows
+
+
+# ----------------------------------------------------------------------------------------------- bad files
+
+def test_truncated_file_is_named(tmp_path):
+    out = tmp_path / "c.h5"
+    _write_cache(out, _meta(), n=5)
+    shard = tc.shard_path(out, 1, 2)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(tc.CacheFormatError, match=r"rank-00001-of-00002.h5: cannot open as HDF5 \(truncated"):
+        tc.TeacherCacheDataset(out)
+    index = out.read_bytes()
+    out.write_bytes(index[:100])
+    with pytest.raises(tc.CacheFormatError, match=r"c.h5: cannot open as HDF5 \(truncated"):
+        tc.TeacherCacheDataset(out)
+
+
+def test_corrupted_chunk_is_caught_by_checksum(tmp_path):
+    meta = _meta(compression="none", world_size=1)
+    out = tmp_path / "c.h5"
+    _write_cache(out, meta, n=3)
+    shard = tc.shard_path(out, 0, 1)
+    with h5py.File(shard) as f:
+        offset = f["topk_logits"].id.get_chunk_info(1).byte_offset
+    raw = bytearray(shard.read_bytes())
+    raw[offset + 5] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    ds = tc.TeacherCacheDataset(out)
+    ds[0]  # other chunks still read
+    with pytest.raises(tc.CacheFormatError, match="cannot read sequence 1 .* corrupted"):
+        ds[1]
+
+
+def test_missing_attribute_unknown_version_and_incomplete(tmp_path):
+    out = tmp_path / "c.h5"
+    _write_cache(out, _meta(), n=4)
+    with h5py.File(out, "a") as f:
+        del f.attrs["tokenizer_hash"]
+    with pytest.raises(tc.CacheFormatError, match="missing attribute.*tokenizer_hash"):
+        tc.TeacherCacheDataset(out)
+    _write_cache(out, _meta(), n=4)
+    with h5py.File(out, "a") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(tc.CacheFormatError, match="unknown format version 99"):
+        tc.TeacherCacheDataset(out)
+    _write_cache(out, _meta(), n=4)
+    with h5py.File(tc.shard_path(out, 0, 2), "a") as f:
+        f.attrs["complete"] = False
+    with pytest.raises(tc.CacheFormatError, match="rank-00000-of-00002.h5: incomplete"):
+        tc.TeacherCacheDataset(out)
+    with pytest.raises(tc.CacheFormatError, match="incomplete"):
+        tc.write_index(out, 2)
+    tc.shard_path(out, 0, 2).unlink()
+    with pytest.raises(tc.CacheFormatError, match="no such cache file"):
+        tc.TeacherCacheDataset(out)
+    with pytest.raises(tc.CacheFormatError, match="no such cache file"):
+        tc.TeacherCacheDataset(tmp_path / "absent.h5")
+
+
+def test_tokenizer_and_vocab_checks(tmp_path, tiny_tokenizer):
+    name, digest, size = tc.tokenizer_fingerprint(tiny_tokenizer)
+    meta = _meta(tokenizer_hash=digest, tokenizer_size=size, vocab_size=size + 16, world_size=1)
+    out = tmp_path / "c.h5"
+    _write_cache(out, meta, n=2)
+    tc.TeacherCacheDataset(out, tokenizer=tiny_tokenizer, vocab_size=size + 16)  # same tokenizer: fine
+    other = T.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tiny_tokenizer.backend_tokenizer.to_str()),
+                                      eos_token="<|endoftext|>")
+    other.add_tokens(["<extra>"])
+    with pytest.raises(tc.TokenizerMismatchError, match=f"has {size + 1} tokens.*{size} tokens"):
+        tc.TeacherCacheDataset(out, tokenizer=other)
+    vocab = dict(tiny_tokenizer.get_vocab())
+    a, b = sorted(vocab)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, two ids swapped
+    swapped = T.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>")))
+    with pytest.raises(tc.TokenizerMismatchError, match="maps tokens to ids differently"):
+        tc.check_tokenizer_compatible(meta, swapped)
+    with pytest.raises(tc.TokenizerMismatchError, match=f"student logits have {size} entries"):
+        tc.TeacherCacheDataset(out, vocab_size=size)
+
+
+def test_teacher_vocab_checks():
+    check_teacher_vocab(vocab_size=336, tokenizer_size=320, k=64)  # padded teacher vocabulary is fine
+    with pytest.raises(ValueError, match="tokenizer has 320 tokens but the teacher's vocabulary has only 300"):
+        check_teacher_vocab(vocab_size=300, tokenizer_size=320, k=8)
+    with pytest.raises(ValueError, match="--top-k 400 is larger than the teacher's vocabulary of 320"):
+        check_teacher_vocab(vocab_size=320, tokenizer_size=320, k=400)
+
+
+def test_config_range_checks(tmp_path):
+    ok = dict(teacher="t", data="d", output=str(tmp_path / "c.h5"))
+    for bad, match in [({"top_k": 0}, "top_k"), ({"seq_len": 0}, "seq_len"), ({"compression": "zstd"}, "zstd"),
+                       ({"quantize": "3bit"}, "3bit"), ({"dtype": "fp8"}, "fp8"), ({"output": "c.hdf"}, ".h5"),
+                       ({"max_sequences": 0}, "max_sequences"), ({"gzip_level": 12}, "gzip_level")]:
+        with pytest.raises(ValueError, match=match):
+            CacheTeacherConfig(**{**ok, **bad})
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+
+def _reference_pack(texts, tokenizer, seq_len):
+    stream = []
+    for t in texts:
+        if t:
+            stream += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+
+
+def test_pack_matches_reference_and_is_independent_of_batching(tiny_tokenizer, stdlib_text):
+    texts = [stdlib_text[i:i + 700] for i in range(0, 20_000, 700)] + [""]
+    ref = _reference_pack(texts, tiny_tokenizer, 50)
+    for batch_docs in (1, 7, 1000):
+        got = list(pack_sequences(texts, tiny_tokenizer, 50, batch_docs=batch_docs))
+        assert [g.tolist() for g in got] == ref and all(g.dtype == np.int32 for g in got)
+    assert [g.tolist() for g in pack_sequences(texts, tiny_tokenizer, 50, max_sequences=3, batch_docs=2)] == ref[:3]
+
+
+def test_empty_and_short_corpora(tiny_tokenizer):
+    with pytest.raises(CorpusError, match="empty"):
+        list(pack_sequences(["", ""], tiny_tokenizer, 16))
+    with pytest.raises(CorpusError, match=r"only \d+ tokens \(1 documents\), fewer than one sequence of 4096"):
+        list(pack_sequences(["def f(): pass"], tiny_tokenizer, 4096))
+
+
+def test_local_formats_and_text_field(tmp_path):
+    rows = [{"id": 1, "body": "alpha beta"}, {"id": 2, "body": "gamma"}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert list(load_corpus(str(tmp_path / "a.jsonl")).documents) == ["alpha beta", "gamma"]  # only string field
+    import datasets
+    datasets.Dataset.from_list([{"text": "one", "x": "y"}, {"text": "two", "x": "z"}]).to_parquet(
+        str(tmp_path / "p.parquet"))
+    corpus = load_corpus(str(tmp_path / "p.parquet"))
+    assert list(corpus.documents) == ["one", "two"] and "field=text" in corpus.description
+    assert list(load_corpus(str(tmp_path / "p.parquet"), text_field="x").documents) == ["y", "z"]
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "b.txt").write_text("second\nfile\n")
+    (tmp_path / "t" / "a.txt").write_text("first file\n")
+    assert list(load_corpus(str(tmp_path / "t")).documents) == ["first file\n", "second\nfile\n"]
+    with pytest.raises(CorpusError, match="no field 'nope'"):
+        list(load_corpus(str(tmp_path / "p.parquet"), text_field="nope").documents)
+    (tmp_path / "two.jsonl").write_text(json.dumps({"a": "x", "b": "y"}) + "\n")
+    with pytest.raises(CorpusError, match="pass --text-field"):
+        list(load_corpus(str(tmp_path / "two.jsonl")).documents)
+    with pytest.raises(CorpusError, match="does not exist"):
+        load_corpus(str(tmp_path / "missing.jsonl"))
+    # Hub names stream from the network; offline (as in CI) the error says what was tried.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        with pytest.raises(CorpusError, match="neither a local file nor a loadable hub dataset"):
+            list(load_corpus("no-such-owner/no-such-dataset").documents)
+
+
+# ----------------------------------------------------------------------------------------------- the pass, in process
+
+def _jsonl(path: Path, texts) -> str:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+@pytest.mark.parametrize("texts, match", [([""] * 3, "empty"), (["tiny text"], "fewer than one sequence")])
+def test_pass_refuses_empty_or_short_corpus_and_writes_nothing(tmp_path, tiny_lm_dir, texts, match):
+    cfg = CacheTeacherConfig(teacher=str(tiny_lm_dir), data=_jsonl(tmp_path / "c.jsonl", texts),
+                             output=str(tmp_path / "out" / "c.h5"), top_k=4, seq_len=64)
+    with pytest.raises(CorpusError, match=match):
+        cache_teacher(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pass_refuses_teacher_smaller_than_tokenizer(tmp_path, tiny_tokenizer, stdlib_text):
+    teacher = tmp_path / "teacher"
+    tiny_model("qwen3_moe", vocab_size=len(tiny_tokenizer) - 20).save_pretrained(teacher)
+    tiny_tokenizer.save_pretrained(teacher)
+    cfg = CacheTeacherConfig(teacher=str(teacher), data=_jsonl(tmp_path / "c.jsonl", [stdlib_text[:3000]]),
+                             output=str(tmp_path / "out" / "c.h5"), top_k=4, seq_len=32)
+    with pytest.raises(ValueError, match="tokenizer has 320 tokens but the teacher's vocabulary has only 300"):
+        cache_teacher(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pass_single_process_and_quantized_teacher(tmp_path, tiny_lm_dir, stdlib_text):
+    """One plain process (world size 1); the 8-bit teacher (bitsandbytes' CPU backend) stays close to fp32."""
+    data = _jsonl(tmp_path / "c.jsonl", [stdlib_text[i:i + 2000] for i in range(0, 20_000, 2000)])
+    base = dict(teacher=str(tiny_lm_dir), data=data, top_k=8, seq_len=32, max_sequences=6, batch_size=4)
+    fp32 = cache_teacher(CacheTeacherConfig(**base, output=str(tmp_path / "fp32.h5")))
+    assert fp32.num_sequences == 6 and fp32.world_size == 1 and fp32.teacher_dtype == "float32@cpu"
+    try:
+        q = cache_teacher(CacheTeacherConfig(**base, output=str(tmp_path / "q8.h5"), quantize="8bit"))
+    except RuntimeError as e:  # the clear message of a backend without 8-bit support
+        pytest.skip(f"bitsandbytes 8-bit unavailable here: {e}")
+    assert q.teacher_dtype == "8bit/float32@cpu"
+    a, b = tc.TeacherCacheDataset(tmp_path / "fp32.h5"), tc.TeacherCacheDataset(tmp_path / "q8.h5")
+    for i in range(6):
+        assert torch.equal(a[i]["input_ids"], b[i]["input_ids"])
+        torch.testing.assert_close(b[i]["logsumexp"], a[i]["logsumexp"], rtol=0, atol=0.05)
+
+
+def test_quantize_without_bitsandbytes_says_so(monkeypatch, tiny_lm_dir, tmp_path):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    cfg = CacheTeacherConfig(teacher=str(tiny_lm_dir), data="d.jsonl", output=str(tmp_path / "c.h5"), quantize="4bit")
+    with pytest.raises(RuntimeError, match="--quantize 4bit needs bitsandbytes"):
+        load_teacher(cfg, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------- the real script
+
+def _corpus_file(tmp_path: Path, stdlib_text: str) -> Path:
+    """Real text: wikitext-2 test documents when the shared data is present, else stdlib source as JSONL."""
+    if WIKITEXT.is_file():
+        return WIKITEXT
+    return Path(_jsonl(tmp_path / "stdlib.jsonl", [stdlib_text[i:i + 3000] for i in range(0, 60_000, 3000)]))
+
+
+def _run_script(teacher, data, out, **env):
+    cmd = ["bash", str(REPO / "launch" / "cache_teacher.sh"), "--teacher", str(teacher), "--data", str(data),
+           "--output", str(out), "--top-k", "8", "--seq-len", "48", "--nproc", "2", "--max-sequences", "11",
+           "--batch-size", "2"]
+    return subprocess.run(cmd, cwd=REPO, env=launcher_env(**env), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_script_two_ranks_matches_direct_forward_and_resumes(tmp_path, tiny_lm_dir, stdlib_text):
+    data = _corpus_file(tmp_path, stdlib_text)
+    out = tmp_path / "full" / "cache.h5"
+    proc = _run_script(tiny_lm_dir, data, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "cached 11 sequences x 48 = 528 tokens from 2 rank(s)" in log and "bytes/token" in log
+    assert "tok/s" in log
+
+    tokenizer = T.AutoTokenizer.from_pretrained(tiny_lm_dir)
+    ds = tc.TeacherCacheDataset(out, tokenizer=tokenizer, vocab_size=len(tokenizer))
+    assert (len(ds), ds.meta.k, ds.meta.seq_len, ds.meta.world_size) == (11, 8, 48, 2)
+    # The ids are the corpus packed in order, whatever the rank count.
+    texts = [json.loads(line)[("page" if data == WIKITEXT else "text")] for line in data.read_text().splitlines()]
+    ref = _reference_pack(texts[:40], tokenizer, 48)[:11]
+    assert [ds[i]["input_ids"].tolist() for i in range(11)] == ref
+    # Top-k and logsumexp agree with a direct forward of the teacher on the same sequences.
+    model = T.AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.stack([ds[i]["input_ids"] for i in range(11)])).logits
+    ids = torch.stack([ds[i]["topk_ids"] for i in range(11)])
+    vals = torch.stack([ds[i]["topk_logits"] for i in range(11)])
+    lse = torch.stack([ds[i]["logsumexp"] for i in range(11)])
+    torch.testing.assert_close(lse, logits.logsumexp(-1), rtol=0, atol=1e-4)
+    direct = logits.gather(-1, ids)
+    torch.testing.assert_close(vals, direct, rtol=1e-3, atol=1e-3)  # float16 storage of the logits
+    others = logits.scatter(-1, ids, float("-inf")).amax(-1)
+    assert (direct.amin(-1) >= others - 1e-5).all()  # the cached ids are the k largest
+    assert (vals[..., :-1] >= vals[..., 1:]).all()  # largest first
+
+    # A run stopped after 2 sequences per rank leaves no index and incomplete shards; the rerun completes
+    # it and yields the same file contents as the uninterrupted run.
+    resumed = tmp_path / "resumed" / "cache.h5"
+    proc = _run_script(tiny_lm_dir, data, resumed, **{STOP_AFTER_ENV: 2})
+    assert proc.returncode != 0
+    assert not resumed.exists()
+    with pytest.raises(tc.CacheFormatError):
+        tc.TeacherCacheDataset(resumed)
+    shards = [tc.shard_path(resumed, r, 2) for r in range(2)]
+    written = [s for s in shards if s.exists()]
+    assert written, "the stopped run wrote nothing"
+    counts = []
+    for s in written:  # the rank that stopped wrote 2; the other may have been stopped by the launcher sooner
+        with h5py.File(s) as f:
+            assert not f.attrs["complete"]
+            counts.append(int(f.attrs["num_sequences"]))
+    assert max(counts) == 2
+    proc = _run_script(tiny_lm_dir, data, resumed)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming" in proc.stdout + proc.stderr
+    with h5py.File(out) as a, h5py.File(resumed) as b:
+        for name in ("input_ids", "topk_ids", "topk_logits", "logsumexp"):
+            np.testing.assert_array_equal(a[name][:], b[name][:])
+        skip = {"created"}
+        assert {k: v for k, v in a.attrs.items() if k not in skip} == {k: v for k, v in b.attrs.items()
+                                                                        if k not in skip}
