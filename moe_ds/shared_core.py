@@ -24,23 +24,6 @@ from .arch import PROJECTIONS
 _FACTORS = ("core", "u_in", "v_in", "u_out", "v_out")
 
 
-def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Per-expert matmul over rows already sorted by expert.
-
-    Args:
-        x: [N, a], rows grouped by expert in order 0..E-1, ``counts[e]`` rows for expert e.
-        weight: [E, a, b].
-        counts: E Python ints summing to N.
-
-    Returns:
-        [N, b] with rows of expert e equal to ``x_e @ weight[e]``.
-    """
-    outs = [chunk @ weight[e] for e, chunk in enumerate(torch.split(x, counts)) if counts[e] > 0]
-    if not outs:
-        return x.new_zeros(0, weight.shape[-1])
-    return torch.cat(outs)
-
-
 class SharedCoreExperts(nn.Module):
     """A layer's E SwiGLU experts as shared cores plus per-expert low-rank wrappers.
 
@@ -205,18 +188,6 @@ class SharedCoreExperts(nn.Module):
         """Fused dense weights in the transformers >= 5 layout: gate_up_proj [E, 2I, d], down_proj [E, d, I]."""
         return torch.cat([self.reconstruct("gate"), self.reconstruct("up")], dim=1), self.reconstruct("down")
 
-    def _wrap_in_out(self, proj: str, x_sorted: torch.Tensor, cx_sorted: torch.Tensor,
-                     counts: list[int]) -> torch.Tensor:
-        """Gate/up: z = y + U_out (V_outᵀ y), y = C x + (C U_in)(V_inᵀ x), per routed (token, expert) row."""
-        if self.ranks[proj] == 0:
-            return cx_sorted
-        f = self.factors(proj)
-        core_u_in_t = torch.matmul(f["u_in"].transpose(1, 2), f["core"].t())  # (C U_in)ᵀ [E, r, I]
-        a = grouped_matmul(x_sorted, f["v_in"], counts)  # [N, r]
-        y = cx_sorted + grouped_matmul(a, core_u_in_t, counts)  # [N, I]
-        b = grouped_matmul(y, f["v_out"], counts)  # [N, r]
-        return y + grouped_matmul(b, f["u_out"].transpose(1, 2), counts)
-
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         """Same contract as the transformers experts modules.
@@ -232,38 +203,52 @@ class SharedCoreExperts(nn.Module):
         num_tokens, top_k = top_k_index.shape
         dtype = self.gate_core.dtype
         x = hidden_states.to(dtype)
+        r_down = self.ranks["down"]
 
-        # Sort the T·k (token, expert) slots by expert so each expert's rows are contiguous.
+        # Once per forward: the core products that every routed row of an expert reuses.
+        cx = {p: F.linear(x, getattr(self, f"{p}_core")) for p in ("gate", "up")}  # C x, once per token [T, I]
+        core_u_in_t = {p: torch.matmul(getattr(self, f"{p}_u_in").transpose(1, 2), getattr(self, f"{p}_core").t())
+                       for p in ("gate", "up") if self.ranks[p] > 0}  # (C U_in)ᵀ [E, r, I]
+        if r_down > 0:
+            v_out_core_t = torch.matmul(self.down_core.t(), self.down_v_out)  # (V_outᵀ C)ᵀ [E, I, r]
+
+        # Group the T·k (token, slot) pairs by expert; ids >= E sort last and are dropped. One gather each
+        # for x and C x (per-expert gathers would each cost a [T, d] zero-fill in the backward pass).
         flat_expert = top_k_index.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        counts_all = torch.bincount(flat_expert, minlength=self.num_experts + 1)
-        counts = counts_all[: self.num_experts].tolist()
-        n_routed = sum(counts)
-        order = order[:n_routed]  # out-of-range ids sort last
+        counts = torch.bincount(flat_expert, minlength=self.num_experts + 1)[: self.num_experts].tolist()
+        order = torch.argsort(flat_expert, stable=True)[: sum(counts)]
         token = order // top_k
         weight = top_k_weights.reshape(-1)[order].to(dtype).unsqueeze(1)  # [N, 1]
-        x_sorted = x[token]
+        chunks = zip(token.split(counts), weight.split(counts), x[token].split(counts),
+                     cx["gate"][token].split(counts), cx["up"][token].split(counts))
 
-        # Gate and up: the core product once per token, the low-rank corrections per routed row.
-        z = {}
-        for p in ("gate", "up"):
-            cx_sorted = F.linear(x, getattr(self, f"{p}_core"))[token]  # [N, I]
-            z[p] = self._wrap_in_out(p, x_sorted, cx_sorted, counts)
-        h = self.act_fn(z["gate"]) * z["up"]  # [N, I]
+        # Per-expert views via unbind: indexing a parameter as p[e] would cost a full [E, ...] zero-fill per
+        # expert in the backward pass, unbind's backward stacks the E gradients once.
+        wraps = {p: {"v_in": getattr(self, f"{p}_v_in").unbind(0), "core_u_in_t": core_u_in_t[p].unbind(0),
+                     "v_out": getattr(self, f"{p}_v_out").unbind(0), "u_out_t": getattr(self, f"{p}_u_out").mT.unbind(0)}
+                 for p in ("gate", "up") if self.ranks[p] > 0}
+        if r_down > 0:
+            down = {"v_in": self.down_v_in.unbind(0), "u_in_t": self.down_u_in.mT.unbind(0),
+                    "v_out_core_t": v_out_core_t.unbind(0), "u_out_t": self.down_u_out.mT.unbind(0)}
 
-        # Down: input wrapper per row, the core once per token on the routing-weighted sum.
-        f = self.factors("down")
-        r = self.ranks["down"]
-        g = h
-        if r > 0:
-            g = h + grouped_matmul(grouped_matmul(h, f["v_in"], counts), f["u_in"].transpose(1, 2), counts)
-        mixed = x.new_zeros(num_tokens, self.intermediate_dim).index_add_(0, token, g * weight)
-        out = F.linear(mixed, f["core"])  # [T, d]
-        if r > 0:
-            v_out_core_t = torch.matmul(f["core"].t(), f["v_out"])  # (V_outᵀ C)ᵀ [E, I, r]
-            c = grouped_matmul(g, v_out_core_t, counts) * weight  # [N, r]
-            out = out.index_add(0, token, grouped_matmul(c, f["u_out"].transpose(1, 2), counts))
-        return out.to(hidden_states.dtype)
+        mixed = x.new_zeros(num_tokens, self.intermediate_dim)  # Σ_j w_j g_j, the down core's input
+        correction = x.new_zeros(num_tokens, self.hidden_dim)  # Σ_j w_j U_out (V_outᵀ C g_j)
+        for e, (token_e, w, x_e, cx_gate, cx_up) in enumerate(chunks):
+            if token_e.numel() == 0:
+                continue
+            z = {}
+            for p, y in (("gate", cx_gate), ("up", cx_up)):
+                if p in wraps:
+                    f = wraps[p]
+                    y = y + (x_e @ f["v_in"][e]) @ f["core_u_in_t"][e]  # C (I + U_in V_inᵀ) x
+                    y = y + (y @ f["v_out"][e]) @ f["u_out_t"][e]  # (I + U_out V_outᵀ) that
+                z[p] = y
+            g = self.act_fn(z["gate"]) * z["up"]  # [n_e, I]
+            if r_down > 0:
+                g = g + (g @ down["v_in"][e]) @ down["u_in_t"][e]  # (I + U_in V_inᵀ) h
+                correction.index_add_(0, token_e, ((g @ down["v_out_core_t"][e]) * w) @ down["u_out_t"][e])
+            mixed.index_add_(0, token_e, g * w)
+        return (F.linear(mixed, self.down_core) + correction).to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
