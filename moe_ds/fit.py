@@ -1,0 +1,189 @@
+"""Zero-shot fit of one (layer, projection): a shared core C and per-expert low-rank wrappers.
+
+Minimises Σ_e ||W_e − Ŵ_e||²_F with Ŵ_e = (I + U_out,e V_out,eᵀ) C (I + U_in,e V_in,eᵀ) by Adam on C and all
+wrappers, in fp32, from one of two starts:
+
+``spec`` (the user's specification): C = mean_e W_e, U_in = U_out = 0, V_in, V_out ~ N(0, σ²).
+
+``svd``: closed-form wrappers from truncated SVDs, built in two ridge-regularised least-squares steps so that
+no (pseudo-)inverse of the ill-conditioned mean expert is ever formed (FINDINGS.md: a C⁺-based split
+diverges). With C = mean:
+  1. input wrapper: R_e = W_e − C ≈ P S Qᵀ (rank r); V_in = Q, and U_in solves
+     min ||C U_in − P S||² + λ_C ||U_in||², i.e. U_in = Cᵀ (C Cᵀ + λ_C I)⁻¹ P S;
+  2. output wrapper on the remaining residual: W¹_e = C (I + U_in V_inᵀ), W_e − W¹_e ≈ P' S' Q'ᵀ (rank r);
+     U_out = P' S'^½ and V_out solves min ||V_outᵀ W¹_e − S'^½ Q'ᵀ||² + λ_e ||V_out||²,
+     i.e. V_out = (W¹_e W¹_eᵀ + λ_e I)⁻¹ W¹_e Q' S'^½,
+  with λ = ``svd_ridge`` × the mean eigenvalue of the Gram matrix (Tikhonov regularisation).
+  Then the same Adam refinement.
+
+Reference point (Eckart–Young–Mirsky): for the same C, a rank-2r truncated SVD of each W_e − C uses exactly
+the wrappers' parameter count per expert, 2r(d_in + d_out), and is the best any rank-2r correction can do;
+``eckart_young_error`` reports it beside our error.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+INITS = ("spec", "svd")
+OPTIMIZERS = ("adam", "adamw")
+
+
+@dataclass
+class FitConfig:
+    init: str = "spec"  # "spec" (C = mean, U = 0, V ~ N(0, σ²)) or "svd" (closed-form, see module docstring)
+    steps: int = 1000  # Adam steps (upper bound when tol > 0)
+    lr: float = 1e-3  # Adam learning rate
+    tol: float = 0.0  # stop when the relative loss improvement over `check_every` steps falls below this
+    check_every: int = 50  # steps between convergence checks (and history records)
+    init_std: float = 1.0  # σ of V at the spec init
+    optimizer: str = "adam"  # "adam" or "adamw"
+    weight_decay: float = 0.0  # only for adamw
+    svd_ridge: float = 1e-2  # λ relative to the mean Gram eigenvalue for the svd init
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.tol < 0 or self.check_every < 1:
+            raise ValueError(f"need tol >= 0 and check_every >= 1, got {self.tol}, {self.check_every}")
+        if not self.init_std > 0 or not self.svd_ridge > 0:
+            raise ValueError(f"init_std and svd_ridge must be > 0, got {self.init_std}, {self.svd_ridge}")
+
+
+@dataclass
+class FitResult:
+    factors: dict  # core [d_out, d_in], u_in/v_in [E, d_in, r], u_out/v_out [E, d_out, r], fp32
+    rel_error: float  # sqrt(Σ_e ||W_e − Ŵ_e||²) / sqrt(Σ_e ||W_e||²) after the fit
+    init_rel_error: float  # the same at the starting point
+    steps: int  # Adam steps taken
+    seconds: float
+    history: list = field(default_factory=list)  # [(step, rel_error)] every check_every steps
+
+
+def reconstruct(core: torch.Tensor, u_in: torch.Tensor, v_in: torch.Tensor, u_out: torch.Tensor,
+                v_out: torch.Tensor) -> torch.Tensor:
+    """Ŵ_e for all experts: [E, d_out, d_in] from core [d_out, d_in] and wrappers [E, d, r]."""
+    w = core + (core @ u_in) @ v_in.transpose(1, 2)
+    return w + u_out @ (v_out.transpose(1, 2) @ w)
+
+
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """||W − Ŵ||_F / ||W||_F over all experts (one number for the stacked [E, d_out, d_in])."""
+    return (torch.linalg.vector_norm(w - w_hat) / torch.linalg.vector_norm(w)).item()
+
+
+def eckart_young_error(w: torch.Tensor, core: torch.Tensor, rank: int) -> float:
+    """Relative error of the best rank-``rank`` correction of C per expert (truncated SVD of W_e − C).
+
+    Args:
+        w: [E, d_out, d_in]; core: [d_out, d_in]; rank: the correction's rank (2r for wrappers of rank r).
+    """
+    s = torch.linalg.svdvals((w - core).double())  # [E, min(d_out, d_in)]
+    tail = s[:, rank:].square().sum()
+    return math.sqrt(tail.item()) / torch.linalg.vector_norm(w.double()).item()
+
+
+def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(G + λI)⁻¹ rhs with λ = ridge · mean eigenvalue of G (batched; Cholesky, no explicit inverse)."""
+    n = gram.shape[-1]
+    lam = ridge * torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1)
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(gram + lam * eye))
+
+
+def svd_init(w: torch.Tensor, rank: int, ridge: float) -> dict:
+    """Closed-form starting factors (module docstring, "svd"). w: [E, d_out, d_in] fp32."""
+    core = w.mean(0)
+    if rank == 0:
+        e, d_out, d_in = w.shape
+        z = w.new_zeros
+        return {"core": core, "u_in": z(e, d_in, 0), "v_in": z(e, d_in, 0), "u_out": z(e, d_out, 0),
+                "v_out": z(e, d_out, 0)}
+    # 1. input wrapper from the top-r SVD of W_e − C.
+    p, s, qh = torch.linalg.svd(w - core, full_matrices=False)
+    target = p[..., :rank] * s[:, None, :rank]  # P S [E, d_out, r]
+    v_in = qh[:, :rank].transpose(1, 2).contiguous()  # Q [E, d_in, r]
+    gram = core @ core.T  # [d_out, d_out], shared by all experts
+    u_in = core.T @ _ridge_solve(gram.expand(w.shape[0], -1, -1), target, ridge)  # [E, d_in, r]
+    # 2. output wrapper from the top-r SVD of what is left.
+    w1 = core + (core @ u_in) @ v_in.transpose(1, 2)
+    p2, s2, qh2 = torch.linalg.svd(w - w1, full_matrices=False)
+    root = s2[:, :rank].sqrt()
+    u_out = (p2[..., :rank] * root[:, None]).contiguous()  # P' S'^½
+    rhs = w1 @ (qh2[:, :rank].transpose(1, 2) * root[:, None])  # W¹ Q' S'^½ [E, d_out, r]
+    v_out = _ridge_solve(w1 @ w1.transpose(1, 2), rhs, ridge)
+    return {"core": core, "u_in": u_in, "v_in": v_in, "u_out": u_out, "v_out": v_out}
+
+
+def spec_init(w: torch.Tensor, rank: int, init_std: float, generator: torch.Generator) -> dict:
+    """The user's zero-shot start: C = mean expert, U = 0, V ~ N(0, init_std²). w: [E, d_out, d_in]."""
+    e, d_out, d_in = w.shape
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float32).to(w.device) * init_std
+
+    return {"core": w.mean(0), "u_in": w.new_zeros(e, d_in, rank), "v_in": normal(e, d_in, rank),
+            "u_out": w.new_zeros(e, d_out, rank), "v_out": normal(e, d_out, rank)}
+
+
+def fit_projection(w: torch.Tensor, rank: int, cfg: FitConfig, seed: int = 0, progress=None) -> FitResult:
+    """Fit one (layer, projection).
+
+    Args:
+        w: [E, d_out, d_in] dense expert weights of any float dtype/device; the fit runs in fp32 on w.device.
+        rank: wrapper rank r (0 keeps only the core).
+        cfg: the fit settings.
+        seed: seeds the spec init's V (a CPU generator, so the result does not depend on the device count).
+        progress: optional callable(steps_done: int) called every check_every steps (for tqdm).
+
+    Returns:
+        FitResult with fp32 factors on w.device.
+
+    Raises:
+        ValueError: rank outside [0, min(d_out, d_in)].
+    """
+    e, d_out, d_in = w.shape
+    if not 0 <= rank <= min(d_out, d_in):
+        raise ValueError(f"rank {rank} is too large for a {d_out}×{d_in} projection (max {min(d_out, d_in)})")
+    t0 = time.perf_counter()
+    w = w.to(torch.float32)
+    norm_sq = w.square().sum()
+    if cfg.init == "svd":
+        start = svd_init(w, rank, cfg.svd_ridge)
+    else:
+        start = spec_init(w, rank, cfg.init_std, torch.Generator().manual_seed(seed))
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+    init_err = relative_error(w, reconstruct(**start))
+    history = [(0, init_err)]
+    steps = 0
+    if rank > 0 and cfg.steps > 0:
+        opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        kwargs = {"weight_decay": cfg.weight_decay} if cfg.optimizer == "adamw" else {}
+        opt = opt_cls(params.values(), lr=cfg.lr, **kwargs)
+        last = init_err ** 2
+        for steps in range(1, cfg.steps + 1):
+            opt.zero_grad(set_to_none=True)
+            # Normalised so the loss is the squared relative error (Adam's steps do not depend on scale).
+            loss = (w - reconstruct(**params)).square().sum() / norm_sq
+            loss.backward()
+            opt.step()
+            if steps % cfg.check_every == 0 or steps == cfg.steps:
+                current = loss.item()
+                history.append((steps, math.sqrt(current)))
+                if progress is not None:
+                    progress(steps)
+                if cfg.tol > 0 and last - current < cfg.tol * last:
+                    break
+                last = current
+    factors = {k: v.detach() for k, v in params.items()}
+    with torch.no_grad():
+        err = relative_error(w, reconstruct(**factors))
+    return FitResult(factors, err, init_err, steps, time.perf_counter() - t0, history)
