@@ -167,3 +167,30 @@ def test_trust_remote_code_rejects_unknown_format_version(saved):
     _edit_config(saved, lambda c: c["shared_core"].update(format_version=2))
     with pytest.raises(ValueError, match="unknown shared_core format_version 2"):
         AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True)
+
+
+@pytest.mark.slow
+def test_stock_lm_eval_cli_evaluates_a_compressed_checkpoint(tmp_path, tiny_tokenizer, stdlib_text):
+    """`lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True` runs unchanged and agrees
+    with our Python-API evaluation through moe-ds's own loader."""
+    import os
+
+    from moe_ds.eval_tasks import render_local_tasks
+    from moe_ds.evaluate import perplexity
+
+    model = compress_model(tiny_model("qwen3_moe", vocab_size=len(tiny_tokenizer)), RANKS)
+    save_compressed(model, tmp_path / "c", tokenizer=tiny_tokenizer)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": stdlib_text[i * 400:(i + 1) * 400]}) + "\n" for i in range(3)))
+    ours = perplexity(tmp_path / "c", docs)
+    tasks = render_local_tasks(tmp_path / "tasks", text_file=docs)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                          f"pretrained={tmp_path / 'c'},trust_remote_code=True", "--tasks", tasks["perplexity"],
+                          "--include_path", str(tmp_path / "tasks"), "--device", "cpu", "--batch_size", "8",
+                          "--output_path", str(tmp_path / "cli")], env=env, capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cli = json.loads(next((tmp_path / "cli").rglob("results_*.json")).read_text())["results"][tasks["perplexity"]]
+    assert cli["word_perplexity,none"] == pytest.approx(ours["word_perplexity"], rel=1e-5)
+    assert cli["word_perplexity,none"] > 1
