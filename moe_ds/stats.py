@@ -80,7 +80,7 @@ def compression_statistics(config, tokens_per_forward: int = 8192) -> dict:
     macs_comp_inf = n_layers * (3 * d * i + k * per_expert_macs)
     macs_comp = macs_comp_inf + n_layers * e * d * i * sum(ranks.values()) / tokens_per_forward
 
-    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    dtype = str(getattr(config, "dtype", None) or "float32")
     nbytes = DTYPE_BYTES.get(dtype.replace("torch.", ""), 4)
     return {
         "model_type": get_architecture(config.model_type).model_type,
