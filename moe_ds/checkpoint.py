@@ -13,6 +13,7 @@ A compressed model directory holds
 Weights are only ever stored as safetensors.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -138,23 +139,31 @@ def _tied_keys(model: torch.nn.Module) -> set[str]:
     return tied
 
 
-def _atomic_dir(out_dir: Path, overwrite: bool):
-    """A temporary sibling directory to write into; ``_commit_dir`` moves it into place."""
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | Path, overwrite: bool = False):
+    """Yield a temporary sibling directory that replaces ``out_dir`` only if the block completes.
+
+    On any error the temporary directory is removed and ``out_dir`` is left as it was.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-
-def _commit_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_modeling_files(out_dir: str | Path) -> None:
@@ -184,9 +193,7 @@ def save_compressed(model: PreTrainedModel, out_dir: str | Path, tokenizer=None,
 
     if not isinstance(getattr(model.config, "shared_core", None), dict):
         raise CheckpointError("save_compressed needs a shared-core model; use compress_model first")
-    out_dir = Path(out_dir)
-    tmp = _atomic_dir(out_dir, overwrite)
-    try:
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         write_modeling_files(tmp)
         stats = compression_statistics(model.config)
@@ -194,11 +201,7 @@ def save_compressed(model: PreTrainedModel, out_dir: str | Path, tokenizer=None,
         (tmp / STATISTICS_FILE).write_text(yaml.safe_dump(stats, sort_keys=False))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def is_compressed_checkpoint(path: str | Path) -> bool:
@@ -350,14 +353,8 @@ def export_dense(model_or_path: PreTrainedModel | str | Path, out_dir: str | Pat
     else:
         model = model_or_path
     dense = to_dense_model(model)
-    out_dir = Path(out_dir)
-    tmp = _atomic_dir(out_dir, overwrite)
-    try:
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         dense.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
