@@ -1,0 +1,429 @@
+"""A small real MoE teacher for the demo, trained here on text every Python installation ships.
+
+No model can be downloaded on the demo machines and a randomly initialised MoE has no structure to
+compress or recover, so this fixture maker trains a transformers Qwen3-MoE on the standard library's own
+source (``sysconfig.get_paths()["stdlib"]``, tests and site-packages left out) and its documentation
+topics (``pydoc_data.topics``). It is not a pipeline stage; the stages read what it leaves behind:
+
+    <output>/                  the teacher: save_pretrained model + tokenizer, and teacher.json (written last)
+    <output>/../data/train.jsonl     {"text": ..., "source": ...} per line, the training documents
+    <output>/../data/heldout.jsonl   the held-out documents (whole modules / topics never trained on)
+
+Split: the unit is a top-level module (a package with all its files, or one ``.py`` file) or one pydoc topic,
+so no held-out file shares a package with a training file. Units are ordered by the SHA-256 of their name and
+taken into the held-out set until it holds ``heldout_chars`` characters (units larger than a quarter of that
+budget are passed over, so one big package cannot make up the whole held-out set). The split depends only on
+the file list of this Python version, never on the seed.
+
+Held-out perplexity (printed before and after training, recorded in teacher.json): the held-out documents
+are tokenised without special tokens, each followed by EOS, concatenated and cut into consecutive windows of
+``seq_len`` tokens (the tail is dropped; ``moe_ds.corpus.pack_sequences``). Within each window every token
+but the first is predicted from the tokens before it in that window; perplexity = exp(mean NLL over all
+predicted tokens of all windows), natural log, computed without the router auxiliary loss.
+
+Determinism: the split, the tokenizer and (with ``steps``) the training are deterministic for one Python
+version, torch build and thread count. With ``minutes`` the step count depends on machine speed.
+"""
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import sysconfig
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_ds.corpus import pack_sequences
+from moe_ds.dist import logger
+
+RECORD = "teacher.json"  # written last: its presence with a matching cache key marks a complete teacher
+RECORD_FORMAT = 1
+EOS = "<|endoftext|>"
+TRAIN_FILE, HELDOUT_FILE = "train.jsonl", "heldout.jsonl"
+# Path parts never read: tests are huge and repetitive, site-packages is not the stdlib, and pydoc_data's
+# topics.py is one giant string literal that is read as documentation topics instead.
+_SKIP_PARTS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
+                         "pydoc_data"})
+
+
+@dataclass
+class TeacherConfig:
+    """What the toy teacher is and how it is trained (defaults < CLI flags; recorded in teacher.json)."""
+
+    vocab_size: int = 4096  # byte-level BPE vocabulary, EOS included
+    hidden_size: int = 192  # model width d
+    num_layers: int = 4  # decoder layers, every one an MoE layer
+    num_heads: int = 6  # attention query heads
+    num_kv_heads: int = 2  # grouped-query key/value heads
+    head_dim: int = 32  # per-head width
+    num_experts: int = 8  # routed experts per layer (E)
+    top_k: int = 2  # experts per token (k)
+    moe_intermediate_size: int = 192  # one expert's hidden width (I)
+    seq_len: int = 256  # tokens per training and evaluation window (T)
+    batch_size: int = 16  # windows per optimiser step (B)
+    steps: int | None = 320  # optimiser steps; the schedule spans them (None: use minutes)
+    minutes: float | None = None  # wall-clock training budget instead of steps; the schedule spans the time
+    lr: float = 3e-3  # AdamW peak learning rate
+    warmup_frac: float = 0.05  # share of the run spent warming the learning rate up linearly
+    final_lr_frac: float = 0.05  # learning rate at the end, as a share of lr (cosine decay from the peak)
+    weight_decay: float = 0.1  # decoupled, on matrices only (not norms, not embeddings)
+    grad_clip: float = 1.0  # global gradient-norm clip
+    aux_loss_coef: float = 0.01  # router load-balancing loss weight (Switch-style; keeps all experts in use)
+    heldout_chars: int = 400_000  # size of the held-out split in characters (whole units only)
+    seed: int = 0  # model initialisation and batch order
+    threads: int = 2  # torch intra-op threads
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.minutes is None):
+            raise ValueError(f"give exactly one of steps={self.steps!r} and minutes={self.minutes!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        if self.minutes is not None and not self.minutes > 0:
+            raise ValueError(f"minutes={self.minutes} must be > 0")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "num_experts", "top_k", "moe_intermediate_size", "seq_len", "batch_size", "threads",
+                     "heldout_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.vocab_size < 260:
+            raise ValueError(f"vocab_size={self.vocab_size} must be >= 260 (256 byte symbols + EOS + merges)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len={self.seq_len} must be >= 2 (one token predicted from another)")
+        if not (self.lr > 0 and 0 <= self.warmup_frac < 1 and 0 <= self.final_lr_frac <= 1):
+            raise ValueError(f"need lr > 0, 0 <= warmup_frac < 1, 0 <= final_lr_frac <= 1; got lr={self.lr}, "
+                             f"warmup_frac={self.warmup_frac}, final_lr_frac={self.final_lr_frac}")
+        if self.weight_decay < 0 or self.grad_clip <= 0 or self.aux_loss_coef < 0:
+            raise ValueError(f"need weight_decay >= 0, grad_clip > 0, aux_loss_coef >= 0; got "
+                             f"{self.weight_decay}, {self.grad_clip}, {self.aux_loss_coef}")
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+
+@dataclass(frozen=True)
+class Document:
+    source: str  # stdlib-relative path ("email/utils.py") or "pydoc_data/topics:<name>"
+    unit: str  # split unit: top-level module name, or the topic's source
+    text: str
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: Path | None = None) -> list[str]:
+    """Relative paths (sorted, POSIX) of the stdlib ``.py`` files that make up the corpus."""
+    root = stdlib_dir() if root is None else root
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")
+                  if p.is_file() and not _SKIP_PARTS.intersection(p.relative_to(root).parts))
+
+
+def load_documents(root: Path | None = None) -> list[Document]:
+    """Every corpus document in a fixed order: stdlib source files, then pydoc topics.
+
+    Files that are not valid UTF-8 (a few deliberately mis-encoded ones) or are empty are left out.
+    """
+    root = stdlib_dir() if root is None else root
+    docs = []
+    for rel in stdlib_files(root):
+        try:
+            text = (root / rel).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text.strip():
+            docs.append(Document(rel, rel.split("/")[0].removesuffix(".py"), text))
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        if topics[name].strip():
+            source = f"pydoc_data/topics:{name}"
+            docs.append(Document(source, source, topics[name]))
+    return docs
+
+
+def split_documents(docs: list[Document], heldout_chars: int) -> tuple[list[Document], list[Document]]:
+    """Deterministic train / held-out split by whole units (see the module docstring).
+
+    Returns:
+        (train, heldout), each in the input order.
+
+    Raises:
+        ValueError: the held-out budget takes every unit, leaving nothing to train on.
+    """
+    size: dict[str, int] = {}
+    for d in docs:
+        size[d.unit] = size.get(d.unit, 0) + len(d.text)
+    held, total = set(), 0
+    for unit in sorted(size, key=lambda u: hashlib.sha256(u.encode()).hexdigest()):
+        if total >= heldout_chars:
+            break
+        if size[unit] <= heldout_chars / 4:
+            held.add(unit)
+            total += size[unit]
+    if len(held) == len(size):
+        raise ValueError(f"heldout_chars={heldout_chars} holds out every unit; nothing is left to train on")
+    return [d for d in docs if d.unit not in held], [d for d in docs if d.unit in held]
+
+
+def write_jsonl(path: Path, docs: list[Document]) -> None:
+    """One ``{"text", "source"}`` object per line, written to a temp file and renamed into place."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d.text, "source": d.source}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------- tokenizer, model
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE (GPT-2 style pre-tokenisation, no unknown tokens) with EOS as its only special token.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` whose eos and pad tokens are ``<|endoftext|>`` (id 0).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
+
+
+def build_model(cfg: TeacherConfig, eos_id: int):
+    """A freshly initialised Qwen3-MoE causal LM (fp32) for ``cfg``; input and output embeddings are tied
+    because at vocab 4096 and width 192 the embedding is a sixth of the parameters."""
+    import transformers as T
+
+    config = T.Qwen3MoeConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k, moe_intermediate_size=cfg.moe_intermediate_size,
+        intermediate_size=cfg.moe_intermediate_size * cfg.top_k,  # unused: every layer is sparse
+        decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, max_position_embeddings=cfg.seq_len,
+        tie_word_embeddings=True, router_aux_loss_coef=cfg.aux_loss_coef, output_router_logits=False,
+        bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id, use_cache=False)
+    torch.manual_seed(cfg.seed)
+    return T.AutoModelForCausalLM.from_config(config)
+
+
+def count_params(model) -> dict:
+    """Total parameters (tied embedding counted once) and those in the routed experts."""
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    return {"total": total, "experts": experts}
+
+
+# ------------------------------------------------------------------------------------- train, evaluate
+
+@torch.no_grad()
+def heldout_perplexity(model, windows: torch.Tensor, batch_size: int = 64) -> float:
+    """exp(mean token NLL) over packed windows, the first token of each window unpredicted.
+
+    Args:
+        windows: [N, T] int64 token ids (``pack_sequences`` output stacked).
+        batch_size: windows per forward pass (large: fewer Python-bound passes; no activations are kept).
+    """
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        x = windows[i:i + batch_size]
+        logits = model(input_ids=x, output_router_logits=False).logits.float()
+        nll += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(),
+                                                 reduction="sum").item()
+        count += x[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(nll / count)
+
+
+def lr_at(cfg: TeacherConfig, progress: float) -> float:
+    """Linear warm-up then cosine decay to ``final_lr_frac * lr``; progress in [0, 1] (steps or time)."""
+    if progress < cfg.warmup_frac:
+        return cfg.lr * progress / cfg.warmup_frac
+    p = min(1.0, (progress - cfg.warmup_frac) / (1 - cfg.warmup_frac))
+    return cfg.lr * (cfg.final_lr_frac + (1 - cfg.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def train(model, windows: torch.Tensor, cfg: TeacherConfig, log_every: int = 20) -> dict:
+    """Plain single-process AdamW training over shuffled packed windows (reshuffled each epoch).
+
+    Args:
+        windows: [N, T] int64 training windows, N >= batch_size.
+
+    Returns:
+        {"steps", "seconds", "tokens", "loss_first", "loss_last"} where losses are token cross-entropy
+        (no aux loss), "loss_last" averaged over the final ``log_every`` steps.
+    """
+    if len(windows) < cfg.batch_size:
+        raise ValueError(f"{len(windows)} training windows, fewer than batch_size={cfg.batch_size}")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order, pos = torch.randperm(len(windows), generator=gen), 0
+    model.train()
+    start, step, recent, first = time.perf_counter(), 0, [], None
+    budget_s = None if cfg.minutes is None else cfg.minutes * 60
+    while True:
+        elapsed = time.perf_counter() - start
+        progress = step / cfg.steps if budget_s is None else elapsed / budget_s
+        if progress >= 1:
+            break
+        if pos + cfg.batch_size > len(order):
+            order, pos = torch.randperm(len(windows), generator=gen), 0
+        x = windows[order[pos:pos + cfg.batch_size]]
+        pos += cfg.batch_size
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, progress)
+        out = model(input_ids=x, labels=x, output_router_logits=cfg.aux_loss_coef > 0)
+        # out.loss already includes aux_loss_coef * aux_loss when router logits are requested
+        ce = out.loss.item() - (cfg.aux_loss_coef * out.aux_loss.item() if out.aux_loss is not None else 0.0)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        first = ce if first is None else first
+        recent = (recent + [ce])[-log_every:]
+        if step % log_every == 0:
+            logger.info("step %d  loss %.3f  lr %.2e  %.1f s", step, sum(recent) / len(recent),
+                        opt.param_groups[0]["lr"], time.perf_counter() - start)
+    model.eval()
+    return {"steps": step, "seconds": round(time.perf_counter() - start, 1), "tokens": step * x.numel(),
+            "loss_first": first, "loss_last": sum(recent) / len(recent)}
+
+
+def pack(docs: list[Document], tokenizer, seq_len: int, name: str) -> torch.Tensor:
+    """[N, T] int64 windows of the EOS-separated token stream of ``docs``."""
+    seqs = list(pack_sequences((d.text for d in docs), tokenizer, seq_len, name=name))
+    return torch.from_numpy(np.stack(seqs).astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------- cache and build
+
+def cache_key(cfg: TeacherConfig, files: list[str]) -> str:
+    """SHA-256 of the record format, the config, the Python version and its stdlib corpus file list."""
+    blob = json.dumps({"format": RECORD_FORMAT, "config": asdict(cfg), "python": platform.python_version(),
+                       "files": files}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def data_dir_for(output: Path) -> Path:
+    """Where the corpus JSONL files go: ``<output>/../data``."""
+    return output.parent / "data"
+
+
+def cached_record(output: Path, key: str) -> dict | None:
+    """The teacher record when ``output`` holds a complete teacher built with ``key`` and its corpus files
+    still exist, else None."""
+    try:
+        record = json.loads((output / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("cache_key") != key:
+        return None
+    needed = [output / "config.json", output / "model.safetensors", output / "tokenizer.json",
+              Path(record["corpus"]["train"]), Path(record["corpus"]["heldout"])]
+    return record if all(p.is_file() for p in needed) else None
+
+
+def build_teacher(cfg: TeacherConfig, output: str | Path, force: bool = False,
+                  stdlib_root: Path | None = None) -> dict:
+    """Build (or reuse) the toy teacher: split the corpus, train the tokenizer and the model, save both.
+
+    The model is built in ``<output>.tmp`` and renamed into place, with ``teacher.json`` written last, so an
+    interrupted build never looks complete. The corpus files are rewritten on every build.
+
+    Args:
+        cfg: the teacher's configuration.
+        output: model folder (e.g. runs/toy/teacher); the corpus goes to ``<output>/../data``.
+        force: rebuild even when a complete teacher with the same cache key exists.
+        stdlib_root: read the corpus from here instead of this Python's stdlib (tests).
+
+    Returns:
+        The record written to ``<output>/teacher.json`` (with "cached": True when it was reused).
+    """
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    output = Path(output)
+    root = stdlib_dir() if stdlib_root is None else Path(stdlib_root)
+    files = stdlib_files(root)
+    key = cache_key(cfg, files)
+    record = None if force else cached_record(output, key)
+    if record is not None:
+        logger.info("toy teacher: reusing %s (held-out ppl %.1f, cache key %s)", output, record["heldout_ppl"],
+                    key[:12])
+        return {**record, "cached": True}
+
+    docs = load_documents(root)
+    train_docs, held_docs = split_documents(docs, cfg.heldout_chars)
+    data = data_dir_for(output)
+    data.mkdir(parents=True, exist_ok=True)
+    write_jsonl(data / TRAIN_FILE, train_docs)
+    write_jsonl(data / HELDOUT_FILE, held_docs)
+    logger.info("toy teacher: %d train documents (%.1f M chars), %d held-out (%.2f M chars, %d units) -> %s",
+                len(train_docs), sum(len(d.text) for d in train_docs) / 1e6, len(held_docs),
+                sum(len(d.text) for d in held_docs) / 1e6, len({d.unit for d in held_docs}), data)
+
+    t = time.perf_counter()
+    tokenizer = train_tokenizer([d.text for d in train_docs], cfg.vocab_size)
+    train_windows = pack(train_docs, tokenizer, cfg.seq_len, "toy train split")
+    held_windows = pack(held_docs, tokenizer, cfg.seq_len, "toy held-out split")
+    logger.info("toy teacher: tokenizer (vocab %d) and packing in %.1f s: %d train windows, %d held-out windows "
+                "of %d tokens", len(tokenizer), time.perf_counter() - t, len(train_windows), len(held_windows),
+                cfg.seq_len)
+
+    model = build_model(cfg, tokenizer.eos_token_id)
+    params = count_params(model)
+    ppl_before = heldout_perplexity(model, held_windows)
+    logger.info("toy teacher: %.2f M parameters (%.2f M in experts); held-out ppl before training %.1f",
+                params["total"] / 1e6, params["experts"] / 1e6, ppl_before)
+    stats = train(model, train_windows, cfg)
+    ppl = heldout_perplexity(model, held_windows)
+    logger.info("toy teacher: %d steps in %.1f s; held-out ppl %.1f -> %.1f", stats["steps"], stats["seconds"],
+                ppl_before, ppl)
+
+    tmp = output.with_name(output.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    record = {
+        "format": RECORD_FORMAT, "cache_key": key, "config": asdict(cfg),
+        "heldout_ppl": ppl, "heldout_ppl_before": ppl_before,
+        "heldout_ppl_definition": "exp(mean NLL, natural log) over every token but the first of each "
+                                  f"consecutive {cfg.seq_len}-token window of the EOS-joined held-out stream",
+        "heldout_tokens_predicted": len(held_windows) * (cfg.seq_len - 1),
+        "params": params, **stats, "train_tokens_available": len(train_windows) * cfg.seq_len,
+        "total_seconds": None,
+        "corpus": {"train": str((data / TRAIN_FILE).resolve()), "heldout": str((data / HELDOUT_FILE).resolve()),
+                   "train_documents": len(train_docs), "heldout_documents": len(held_docs),
+                   "heldout_units": sorted({d.unit for d in held_docs}), "stdlib": str(root),
+                   "stdlib_files": len(files)},
+        "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__, "command": " ".join(sys.argv),
+    }
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+    record["total_seconds"] = round(time.perf_counter() - t0, 1)
+    rec_tmp = output / (RECORD + ".tmp")
+    rec_tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(rec_tmp, output / RECORD)
+    logger.info("toy teacher: saved to %s in %.1f s total", output, record["total_seconds"])
+    return {**record, "cached": False}
