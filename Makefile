@@ -21,8 +21,12 @@ test-fast: venv
 demo: venv
 	bash launch/demo.sh
 
+# Every benchmark, each printing its side-by-side table (long: ~1 h on 2 CPU cores; minutes on a GPU).
 bench: venv
 	$(PY) bench/experts_forward.py
+	$(PY) bench/fit.py
+	$(PY) bench/teacher_cache.py
+	$(PY) bench/kd_loss.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -74,7 +74,8 @@ class EvalConfig:
             raise ValueError("tasks is empty")
         if "perplexity" in self.tasks and self.ppl_file is None:
             raise ValueError("task 'perplexity' needs ppl_file")
-        for name, path in (("watch", self.watch), ("checkpoint", self.checkpoint), ("baseline", self.baseline),
+        # A watched run directory may not exist yet: the evaluator is started before training (see watch.py).
+        for name, path in (("checkpoint", self.checkpoint), ("baseline", self.baseline),
                            ("data_dir", self.data_dir), ("ppl_file", self.ppl_file)):
             if path is not None and not Path(path).exists():
                 raise ValueError(f"{name}={path!r} does not exist")

@@ -61,6 +61,9 @@ class Evaluator:
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.watch).resolve()
+        if not self.run_dir.exists():  # started before the training run: wait for it to appear
+            logger.info("run directory %s does not exist yet; creating it and waiting for checkpoints", self.run_dir)
+            self.run_dir.mkdir(parents=True)
         self.stop = threading.Event()  # set by a signal or stop condition; checked between evaluations
         self._wake = threading.Event()
         self.watching = threading.Event()  # set once baseline and catch-up are done and events are awaited

@@ -77,7 +77,8 @@ def test_config_rejects_bad_values(tmp_path, text_file):
     with pytest.raises(ValueError, match="baseline"):
         EvalConfig(checkpoint=str(tmp_path), baseline=str(tmp_path))
     with pytest.raises(ValueError, match="does not exist"):
-        EvalConfig(watch=str(tmp_path / "missing"))
+        EvalConfig(checkpoint=str(tmp_path / "missing"))
+    EvalConfig(watch=str(tmp_path / "not_yet"))  # a run that training has not created yet is fine
     cfg = EvalConfig(watch=str(tmp_path), tasks="wikitext, piqa", ppl_file=str(text_file), limit=3.0)
     assert cfg.tasks == ("wikitext", "piqa", "perplexity") and cfg.limit == 3 and isinstance(cfg.limit, int)
 
@@ -198,8 +199,7 @@ def test_once_baseline_exactly_once_broken_recorded_locked_skipped(tiny_lm_dir, 
 
 
 def test_polling_watcher_evaluates_new_checkpoint_and_stops_after_step(tiny_lm_dir, tmp_path, text_file):
-    run = tmp_path / "run"
-    run.mkdir()
+    run = tmp_path / "run"  # not created yet: the evaluator is started before training
     ev = Evaluator(cfg_for(run, text_file, polling=True, poll_interval_s=0.2, stop_after_step=7))
     thread = threading.Thread(target=ev.run)
     thread.start()
