@@ -158,6 +158,7 @@ def test_bad_input_is_refused_before_anything_is_written(teacher_dir, tmp_path):
         assert after == before  # nothing written (a finished model from before stays as it was)
 
     refused("is not a directory", model=str(tmp_path / "missing"))
+    refused(r"(?s)cannot resolve 'no-such-org/no-such-moe'.*Offline\?", model="no-such-org/no-such-moe")
     refused("too large for the layer shape", rank=25)
     broken = tmp_path / "no_weights"
     broken.mkdir()
