@@ -47,34 +47,30 @@ def find_experts(model: nn.Module) -> dict[int, str]:
     return dict(sorted(found.items()))
 
 
-def replace_experts(model: nn.Module, ranks: dict, experts: dict | None = None) -> nn.Module:
-    """Swap every MoE layer's fused experts module for a ``SharedCoreExperts`` (peft-style surgery).
+def replace_experts(model: nn.Module, ranks: dict) -> nn.Module:
+    """Swap every MoE layer's fused experts module for a fresh ``SharedCoreExperts`` (peft-style surgery).
+
+    The new modules start with random cores and identity wrappers; their values come from the checkpoint
+    being loaded (or from ``moe_ds.checkpoint.compress_model``, which fills them from dense experts).
 
     Args:
         model: a transformers MoE causal LM of a supported family (may live on the meta device).
-        ranks: {"gate": r, "up": r, "down": r}, used for layers not in ``experts``.
-        experts: optional {layer index: SharedCoreExperts} to install as given (e.g. fitted factors);
-            other layers get freshly constructed modules (cores random, wrappers identity).
+        ranks: {"gate": r, "up": r, "down": r}.
 
     Returns:
         ``model``, modified in place.
     """
-    experts = experts or {}
-    for layer, name in find_experts(model).items():
+    for name in find_experts(model).values():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
-        if layer in experts:
-            new = experts[layer]
-        elif isinstance(old, SharedCoreExperts):
+        if isinstance(old, SharedCoreExperts):
             continue
-        else:
-            ref = old.gate_up_proj
-            # Under ZeRO-3 the old parameters are partitioned placeholders: let zero.Init place the new ones.
-            device = None if hasattr(ref, "ds_id") else ref.device
-            new = SharedCoreExperts(old.num_experts, old.hidden_dim, old.intermediate_dim, ranks,
-                                    model.config.hidden_act, dtype=ref.dtype, device=device)
-        setattr(parent, child, new)
+        ref = old.gate_up_proj
+        # Under ZeRO-3 the old parameters are partitioned placeholders: let zero.Init place the new ones.
+        device = None if hasattr(ref, "ds_id") else ref.device
+        setattr(parent, child, SharedCoreExperts(old.num_experts, old.hidden_dim, old.intermediate_dim, ranks,
+                                                 model.config.hidden_act, dtype=ref.dtype, device=device))
     return model
 
 

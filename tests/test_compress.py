@@ -213,9 +213,13 @@ def test_peak_memory_stays_flat_as_the_layer_count_grows(tmp_path):
         T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / f"m{layers}")
         cmd = [sys.executable, str(REPO / "launch" / "compress.py"), "--model", str(tmp_path / f"m{layers}"),
                "--output", str(tmp_path / f"c{layers}"), "--rank", "8", "--steps", "2"]
-        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, *cmd], env=single_process_env(),
+        # A fixed mmap threshold stops glibc from keeping freed multi-MB blocks on its heap (its dynamic
+        # threshold otherwise grows after the first free), so RSS tracks live memory, not allocator history.
+        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, *cmd],
+                             env=single_process_env(MALLOC_MMAP_THRESHOLD_=1 << 20),
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         peaks[layers] = int(out.stdout.strip()) / 1024  # MiB
     expert_mib = 16 * 3 * 256 * 512 * 4 / 2**20  # one layer's experts, fp32
+    print(f"peak RSS: {peaks} MiB; one layer's experts {expert_mib:.0f} MiB")
     assert peaks[8] - peaks[2] < 2 * expert_mib, (peaks, expert_mib)  # loading all would add 6 × 24 MiB
