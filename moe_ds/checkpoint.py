@@ -316,12 +316,15 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, **kwarg
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs).eval()
 
 
+def base_model_class(config: PretrainedConfig) -> tuple[PretrainedConfig, type]:
+    """The stock transformers config and causal-LM class of a (shared-core or original) MoE config."""
+    base_config = CONFIG_MAPPING[get_architecture(config.model_type).model_type](**_base_config_dict(config))
+    return base_config, MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
+
+
 def to_dense_model(model: PreTrainedModel) -> PreTrainedModel:
     """The stock transformers model with every expert reconstructed densely (Ŵ_e), sharing other tensors."""
-    config = model.config
-    arch = get_architecture(config.model_type)
-    base_config = CONFIG_MAPPING[arch.model_type](**_base_config_dict(config))
-    base_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
+    base_config, base_cls = base_model_class(model.config)
     experts = {name: model.get_submodule(name) for name in find_experts(model).values()}
     state = {}
     for key, tensor in model.state_dict().items():

@@ -32,6 +32,7 @@ from .arch import PROJECTIONS, get_architecture
 from .checkpoint import STATISTICS_FILE, shared_core_config, validate_compressed_checkpoint, write_modeling_files
 from .dist import barrier, device_for, init_distributed, log_main
 from .fit import FitConfig, eckart_young_error, fit_projection
+from .run_layout import write_text_atomic
 from .stats import compression_statistics
 
 logger = logging.getLogger("moe_ds")
@@ -306,7 +307,7 @@ def compress(cfg: CompressConfig) -> Path:
             (out / "config.json").unlink()  # the directory is no longer a finished model
         resolved = {"fingerprint": fingerprint, "rank": rank, "model_dir": str(model_dir),
                     "world_size": info.world_size, **asdict(cfg)}
-        _atomic_write(out / RUN_CONFIG, json.dumps(resolved, indent=2))
+        write_text_atomic(out / RUN_CONFIG, json.dumps(resolved, indent=2))
 
     todo = []
     for layer in mine:
@@ -335,12 +336,6 @@ def compress(cfg: CompressConfig) -> Path:
         assemble(cfg, model_dir, model_config, reader, rank, fingerprint)
     barrier()
     return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def error_table(per_layer: dict) -> str:

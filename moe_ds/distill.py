@@ -51,7 +51,8 @@ from .checkpoint import (STATISTICS_FILE, CheckpointError, is_compressed_checkpo
                          validate_compressed_checkpoint, write_modeling_files)
 from .dist import barrier, dist_info, disable_deepspeed_shm_op, log_main, setup_logging
 from .kd_loss import TAIL_MODES, chunked_kd_loss
-from .run_layout import CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, checkpoint_step, complete_checkpoints
+from .run_layout import (CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, checkpoint_step, complete_checkpoints,
+                         write_text_atomic)
 from .teacher_cache import TeacherCacheDataset
 
 logger = logging.getLogger("moe_ds")
@@ -542,12 +543,6 @@ def make_trainer_class():
 
 # ----------------------------------------------------------------------------------------- callbacks
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _callbacks(cfg: DistillConfig, stage_index: int):
     from transformers import TrainerCallback
 
@@ -573,7 +568,7 @@ def _callbacks(cfg: DistillConfig, stage_index: int):
                     (ckpt / STATISTICS_FILE).write_text(yaml.safe_dump(stats, sort_keys=False))
                 marker = {"step": state.global_step, "stage": stage_index + 1,
                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                _write_atomic(ckpt / CHECKPOINT_COMPLETE, json.dumps(marker) + "\n")
+                write_text_atomic(ckpt / CHECKPOINT_COMPLETE, json.dumps(marker) + "\n")
             if os.environ.get(PROBE_ENV):
                 _probe(model, Path(args.output_dir), state.global_step)
             barrier()  # the next stage (all ranks) may load this checkpoint
@@ -755,7 +750,7 @@ def _clean_after(output: Path, step: int) -> None:
     log = output / LOG_FILE
     if log.is_file():
         keep = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        _write_atomic(log, "".join(line + "\n" for line in keep))
+        write_text_atomic(log, "".join(line + "\n" for line in keep))
 
 
 def _load_student(path: str | Path, cfg: DistillConfig):
@@ -799,7 +794,7 @@ def run_distill(cfg: DistillConfig) -> Path | None:
         resolved = {**cfg.to_dict(), "world_size": world, "global_batch": global_batch}
         for key in ("student", "teacher_cache", "output", "deepspeed", "tokenizer"):
             resolved[key] = str(Path(resolved[key]).resolve()) if resolved[key] else None
-        _write_atomic(output / CONFIG_FILE, json.dumps(resolved, indent=2) + "\n")
+        write_text_atomic(output / CONFIG_FILE, json.dumps(resolved, indent=2) + "\n")
     barrier()
     meta = prep.cache.meta
     log_main("student %s, cache %s (%d sequences x %d tokens, k=%d, teacher %s), %d ranks, global batch %d "

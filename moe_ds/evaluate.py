@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moe_ds.dist import logger
-from moe_ds.run_layout import CHECKPOINT_PREFIX, EVAL_DIR, EVAL_RESULTS, EVALUATED, checkpoint_step
+from moe_ds.run_layout import (CHECKPOINT_PREFIX, EVAL_DIR, EVAL_RESULTS, EVALUATED, checkpoint_step,
+                               write_json_atomic, write_text_atomic)
 
 RESULTS_FORMAT = 1
 BASELINE_DIR = "baseline_eval"  # RUN_DIR/baseline_eval/{results.json,EVALUATED}: survives evaluator restarts
@@ -101,26 +102,6 @@ class EvalConfig:
 
 
 # ---------------------------------------------------------------------------------------------- files
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write ``obj`` as JSON through a temp file in the same folder and ``os.replace`` (readers never see half)."""
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def results_dir(checkpoint: str | Path) -> Path:

@@ -5,7 +5,10 @@ A distillation run directory holds ``checkpoint-<step>/`` folders. A checkpoint 
 The evaluator writes ``eval/results.json`` inside a checkpoint, then ``eval/EVALUATED``.
 """
 
+import json
+import os
 import re
+import tempfile
 from pathlib import Path
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -33,3 +36,23 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     found = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*")
              if checkpoint_step(p) is not None and is_complete_checkpoint(p)]
     return sorted(found, key=checkpoint_step)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write ``obj`` as JSON through a temp file in the same folder and ``os.replace`` (readers never see half)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -27,16 +27,13 @@ def _num_params(model: torch.nn.Module) -> int:
 
 def expert_shapes(config) -> dict:
     """E, k, d, I and the MoE layer indices of a (base or shared-core) config, via a meta-device build."""
-    from transformers import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    from .checkpoint import _base_config_dict
+    from .checkpoint import base_model_class
     from .modeling_shared_core import find_experts
 
     arch = get_architecture(config.model_type)
-    base_config = CONFIG_MAPPING[arch.model_type](**_base_config_dict(config))
+    base_config, base_cls = base_model_class(config)
     with torch.device("meta"):
-        base = MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)](base_config)
+        base = base_cls(base_config)
     layers = list(find_experts(base))
     return {
         "num_experts": int(getattr(config, arch.num_experts_key)),

@@ -20,8 +20,9 @@ from watchdog.observers.polling import PollingObserver
 
 from moe_ds.dist import logger
 from moe_ds.evaluate import (BASELINE_DIR, RESOLVED_CONFIG, EvalConfig, TaskResolver, WandbLog, evaluate_into,
-                             is_evaluated, read_results, results_dir, write_json_atomic, write_summary)
-from moe_ds.run_layout import CHECKPOINT_COMPLETE, checkpoint_step, complete_checkpoints, is_complete_checkpoint
+                             is_evaluated, read_results, results_dir, write_summary)
+from moe_ds.run_layout import (CHECKPOINT_COMPLETE, checkpoint_step, complete_checkpoints, is_complete_checkpoint,
+                               write_json_atomic)
 
 LOCK_NAME = ".eval.lock"  # inside the results folder
 
