@@ -27,8 +27,9 @@ trap 'rm -f "$held"' EXIT
 "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$held"
 echo "[bootstrap] installing requirements.txt with $(cat "$held") held"
 $PIP install -q -r requirements.txt -c "$held"
-# Make the repository importable (moe_ds) from every process the launchers start, without installing it.
+# moe_ds itself, editable, so every process the launchers start imports this checkout (no path hacks).
 site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-pwd > "$site/moe_ds_repo.pth"
+rm -f "$site/moe_ds_repo.pth"  # left by older versions of this script
+$PIP install -q --no-deps --no-build-isolation -e .
 touch "$VENV/.installed"
 echo "[bootstrap] done: $VENV"

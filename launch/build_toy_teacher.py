@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for f in dataclasses.fields(TeacherConfig):  # every other config field is a flag too, for tuning
         if f.name not in ("steps", "minutes", "seed"):
             p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                           help=f"default %(default)s")
+                           help="default %(default)s")
     return p.parse_args(argv)
 
 

@@ -23,29 +23,27 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import safe_open
-from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from . import arch as arch_module
 from . import modeling_shared_core, shared_core
 from .arch import PROJECTIONS, get_architecture
-from .modeling_shared_core import SHARED_CORE_FORMAT_VERSION, find_experts, replace_experts, shared_core_classes
+from .modeling_shared_core import (SHARED_CORE_FORMAT_VERSION, base_config_dict, base_model_class, find_experts,
+                                   shared_core_classes)
 from .shared_core import SharedCoreExperts
+from .stats import compression_statistics
 
 # Files copied verbatim beside each checkpoint for trust_remote_code.
 SHIPPED_MODULES = (arch_module, shared_core, modeling_shared_core)
 STATISTICS_FILE = "compression_statistics.yaml"
+# Non-weight files a model directory may carry (tokenizer and generation settings), copied by finish_checkpoint.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
 
 
 class CheckpointError(ValueError):
     """A directory's weights or config do not form a valid (compressed) checkpoint."""
-
-
-def _base_config_dict(config: PretrainedConfig) -> dict:
-    d = config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "shared_core", "transformers_version"):
-        d.pop(key, None)
-    return d
 
 
 def shared_core_config(config: PretrainedConfig, ranks: dict, method: str = "mean") -> PretrainedConfig:
@@ -60,7 +58,7 @@ def shared_core_config(config: PretrainedConfig, ranks: dict, method: str = "mea
     config_cls, model_cls = shared_core_classes(arch.model_type)
     section = {"format_version": SHARED_CORE_FORMAT_VERSION, "base_model_type": arch.model_type,
                "ranks": {p: int(ranks[p]) for p in PROJECTIONS}, "method": method}
-    new = config_cls(**_base_config_dict(config), shared_core=section)
+    new = config_cls(**base_config_dict(config), shared_core=section)
     new.architectures = [model_cls.__name__]
     new.auto_map = {"AutoConfig": f"modeling_shared_core.{config_cls.__name__}",
                     "AutoModelForCausalLM": f"modeling_shared_core.{model_cls.__name__}"}
@@ -172,6 +170,33 @@ def write_modeling_files(out_dir: str | Path) -> None:
         shutil.copyfile(module.__file__, Path(out_dir) / Path(module.__file__).name)
 
 
+def finish_checkpoint(out_dir: str | Path, config: PretrainedConfig, tokenizer=None,
+                      statistics: dict | None = None) -> None:
+    """Complete a folder that already holds a model's weights and ``config.json`` (every writer calls this).
+
+    A shared-core model gets its modeling files (for ``trust_remote_code``) and compression_statistics.yaml
+    (accounting from ``config`` plus ``statistics``); any model gets its tokenizer.
+
+    Args:
+        out_dir: the checkpoint folder.
+        config: the saved model's config.
+        tokenizer: a tokenizer to save, or a directory whose tokenizer/generation files are copied.
+        statistics: extra entries merged into compression_statistics.yaml (e.g. reconstruction errors).
+    """
+    out_dir = Path(out_dir)
+    if isinstance(getattr(config, "shared_core", None), dict):
+        write_modeling_files(out_dir)
+        stats = compression_statistics(config)
+        stats.update(statistics or {})
+        (out_dir / STATISTICS_FILE).write_text(yaml.safe_dump(stats, sort_keys=False))
+    if isinstance(tokenizer, (str, Path)):
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer) / name).is_file():
+                shutil.copyfile(Path(tokenizer) / name, out_dir / name)
+    elif tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
 def save_compressed(model: PreTrainedModel, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
                     max_shard_size: str = "5GB", statistics: dict | None = None) -> Path:
     """Save a shared-core model as a self-describing directory (see the module docstring).
@@ -189,18 +214,11 @@ def save_compressed(model: PreTrainedModel, out_dir: str | Path, tokenizer=None,
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
         CheckpointError: ``model`` is not a shared-core model.
     """
-    from .stats import compression_statistics
-
     if not isinstance(getattr(model.config, "shared_core", None), dict):
         raise CheckpointError("save_compressed needs a shared-core model; use compress_model first")
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        write_modeling_files(tmp)
-        stats = compression_statistics(model.config)
-        stats.update(statistics or {})
-        (tmp / STATISTICS_FILE).write_text(yaml.safe_dump(stats, sort_keys=False))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        finish_checkpoint(tmp, model.config, tokenizer, statistics)
     return Path(out_dir)
 
 
@@ -314,12 +332,6 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, **kwarg
     if is_compressed_checkpoint(path):
         return load_compressed(path, dtype=dtype, **kwargs)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs).eval()
-
-
-def base_model_class(config: PretrainedConfig) -> tuple[PretrainedConfig, type]:
-    """The stock transformers config and causal-LM class of a (shared-core or original) MoE config."""
-    base_config = CONFIG_MAPPING[get_architecture(config.model_type).model_type](**_base_config_dict(config))
-    return base_config, MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
 
 
 def to_dense_model(model: PreTrainedModel) -> PreTrainedModel:

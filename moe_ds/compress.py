@@ -17,7 +17,6 @@ import math
 import os
 import re
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,20 +28,15 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from .arch import PROJECTIONS, get_architecture
-from .checkpoint import STATISTICS_FILE, shared_core_config, validate_compressed_checkpoint, write_modeling_files
+from .checkpoint import STATISTICS_FILE, finish_checkpoint, shared_core_config, validate_compressed_checkpoint
 from .dist import barrier, device_for, init_distributed, log_main
 from .fit import FitConfig, eckart_young_error, fit_projection
 from .run_layout import write_text_atomic
-from .stats import compression_statistics
 
 logger = logging.getLogger("moe_ds")
 
 FACTORS_DIR = ".factors"
 RUN_CONFIG = "compress_config.json"
-# Non-weight files copied from the original model directory (tokenizer and generation settings).
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                "generation_config.json")
 
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
@@ -370,15 +364,11 @@ def assemble(cfg: CompressConfig, model_dir: Path, model_config, reader: ExpertR
     _write_shards(tmp, reader, out, save_dtype)
     config = shared_core_config(model_config, {p: rank for p in PROJECTIONS}, method=cfg.init)
     config.dtype = save_dtype
-    write_modeling_files(tmp)
-    for name in COPIED_FILES:
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, tmp / name)
     config.save_pretrained(tmp)
-    stats = compression_statistics(config)
-    stats["fit"] = {**asdict(cfg.fit_config()), "seed": cfg.seed}
-    stats["reconstruction_error"] = {int(layer): s for layer, s in per_layer.items()}
-    (tmp / STATISTICS_FILE).write_text(yaml.safe_dump(stats, sort_keys=False))
+    extra = {"fit": {**asdict(cfg.fit_config()), "seed": cfg.seed},
+             "reconstruction_error": {int(layer): s for layer, s in per_layer.items()}}
+    finish_checkpoint(tmp, config, tokenizer=model_dir, statistics=extra)
+    stats = yaml.safe_load((tmp / STATISTICS_FILE).read_text())
     table = error_table(per_layer)
     (tmp / "reconstruction_errors.md").write_text(
         f"Relative reconstruction error ||W − Ŵ||_F / ||W||_F per layer and projection (rank {rank}, init "

@@ -47,8 +47,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from .checkpoint import (STATISTICS_FILE, CheckpointError, is_compressed_checkpoint, load_model,
-                         validate_compressed_checkpoint, write_modeling_files)
+from .checkpoint import (CheckpointError, finish_checkpoint, is_compressed_checkpoint, load_model,
+                         validate_compressed_checkpoint)
 from .dist import barrier, dist_info, disable_deepspeed_shm_op, log_main, setup_logging
 from .kd_loss import TAIL_MODES, chunked_kd_loss
 from .run_layout import (CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, checkpoint_step, complete_checkpoints,
@@ -560,12 +560,7 @@ def _callbacks(cfg: DistillConfig, stage_index: int):
             if dist_info().is_main:
                 # The Trainer wrote model.safetensors + config.json (rank 0) and the tokenizer; a shared-core
                 # student also needs its modeling files (trust_remote_code) and statistics, like save_compressed.
-                if is_compressed_checkpoint(ckpt):
-                    from .stats import compression_statistics
-
-                    write_modeling_files(ckpt)
-                    stats = compression_statistics(model.config)
-                    (ckpt / STATISTICS_FILE).write_text(yaml.safe_dump(stats, sort_keys=False))
+                finish_checkpoint(ckpt, model.config)
                 marker = {"step": state.global_step, "stage": stage_index + 1,
                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 write_text_atomic(ckpt / CHECKPOINT_COMPLETE, json.dumps(marker) + "\n")

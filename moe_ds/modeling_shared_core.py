@@ -12,9 +12,9 @@ and ``config.json`` names these classes in ``auto_map``, so
 
 import re
 
-import torch
 from torch import nn
 from transformers import (
+    CONFIG_MAPPING,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
     MixtralConfig,
@@ -26,6 +26,7 @@ from transformers import (
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .arch import UnsupportedModelError, get_architecture
 from .shared_core import SharedCoreExperts
@@ -145,3 +146,17 @@ def shared_core_classes(model_type: str) -> tuple[type, type]:
         UnsupportedModelError: unknown model type (the message lists the supported ones).
     """
     return SHARED_CORE_CLASSES[get_architecture(model_type).model_type]
+
+
+def base_config_dict(config) -> dict:
+    """A config's settings without the keys that name its class or compression (model_type, auto_map, ...)."""
+    d = config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "shared_core", "transformers_version"):
+        d.pop(key, None)
+    return d
+
+
+def base_model_class(config) -> tuple:
+    """(stock transformers config, stock causal-LM class) of a shared-core or original MoE config."""
+    base_config = CONFIG_MAPPING[get_architecture(config.model_type).model_type](**base_config_dict(config))
+    return base_config, MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]

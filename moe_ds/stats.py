@@ -17,6 +17,7 @@ Conventions:
 import torch
 
 from .arch import PROJECTIONS, get_architecture
+from .modeling_shared_core import base_model_class, find_experts
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
@@ -27,9 +28,6 @@ def _num_params(model: torch.nn.Module) -> int:
 
 def expert_shapes(config) -> dict:
     """E, k, d, I and the MoE layer indices of a (base or shared-core) config, via a meta-device build."""
-    from .checkpoint import base_model_class
-    from .modeling_shared_core import find_experts
-
     arch = get_architecture(config.model_type)
     base_config, base_cls = base_model_class(config)
     with torch.device("meta"):

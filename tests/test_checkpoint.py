@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import FAMILIES, REPO, tiny_model
+from conftest import FAMILIES, tiny_model
 from moe_ds import arch, modeling_shared_core, shared_core
 from moe_ds.checkpoint import (CheckpointError, compress_model, export_dense, load_compressed, save_compressed,
                                validate_compressed_checkpoint)

@@ -1,7 +1,6 @@
 """Stage 1: layer partition, rank choice, the fit, lazy per-layer reading, resume, bad input, 2-rank launcher."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 import transformers as T
 from safetensors import safe_open
 
-from conftest import REPO, launcher_env, single_process_env, tiny_config, tiny_model
+from conftest import REPO, launcher_env, single_process_env, tiny_model
 from moe_ds.checkpoint import load_compressed
 from moe_ds.compress import (CompressConfig, CompressError, compress, expert_ratio, layers_for_rank,
                              rank_for_ratio)
