@@ -1,35 +1,26 @@
 """The compressed checkpoint format: build, save, validate, load, and export to a dense checkpoint.
 
-A compressed model directory holds
-    config.json                    the original config, ``model_type = "shared_core_<family>"``, a
-                                   ``shared_core`` section {format_version, ranks, method, base_model_type}
-                                   and ``auto_map`` naming the classes in modeling_shared_core.py;
-    model*.safetensors (+ index)   every weight under its in-memory name; the experts of each MoE layer as
-                                   ``...mlp.experts.{gate,up,down}_{core,u_in,v_in,u_out,v_out}``;
-    arch.py, shared_core.py,       verbatim copies of the package's own modules, so
-    modeling_shared_core.py        ``from_pretrained(path, trust_remote_code=True)`` works without moe-ds;
-    compression_statistics.yaml    parameter and MAC accounting (moe_ds.stats);
-    tokenizer files                when a tokenizer is given.
-Weights are only ever stored as safetensors.
+A compressed model directory is a Hugging Face model directory (safetensors weights only) whose config.json
+has ``model_type = "shared_core_<family>"``, a ``shared_core`` section and an ``auto_map``; beside it lie
+verbatim copies of arch.py, shared_core.py and modeling_shared_core.py (so ``trust_remote_code`` loads it
+without moe-ds), compression_statistics.yaml (``moe_ds.stats``) and the tokenizer files.
 """
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from . import arch as arch_module
 from . import modeling_shared_core, shared_core
 from .arch import PROJECTIONS, get_architecture
 from .modeling_shared_core import (SHARED_CORE_FORMAT_VERSION, base_config_dict, base_model_class, find_experts,
                                    shared_core_classes)
+from .run_layout import atomic_output_dir
 from .shared_core import SharedCoreExperts
 from .stats import compression_statistics
 
@@ -52,7 +43,7 @@ def shared_core_config(config: PretrainedConfig, ranks: dict, method: str = "mea
     Args:
         config: config of the original (or already compressed) model.
         ranks: {"gate": r, "up": r, "down": r}.
-        method: how the factors were obtained (recorded, e.g. "spec", "svd", "mean").
+        method: how the factors were obtained (recorded): "mean" or "svd" (the ``moe_ds.fit`` starts).
     """
     arch = get_architecture(config.model_type)
     config_cls, model_cls = shared_core_classes(arch.model_type)
@@ -95,8 +86,8 @@ def compress_model(model: PreTrainedModel, ranks: dict, experts: dict | None = N
     Args:
         model: a transformers MoE causal LM of a supported family.
         ranks: {"gate": r, "up": r, "down": r}.
-        experts: {layer index: SharedCoreExperts} with fitted factors; layers not given start from the
-            zero-shot init C = mean expert, U = 0, V ~ N(0, init_std²) (seeded per layer).
+        experts: {layer index: SharedCoreExperts} with fitted factors; layers not given get the "mean"
+            start (C = mean expert, U = 0, V ~ N(0, init_std²), seeded per layer; ``shared_core.mean_init``).
         method: recorded in ``config.shared_core["method"]``.
 
     Returns:
@@ -137,33 +128,6 @@ def _tied_keys(model: torch.nn.Module) -> set[str]:
     return tied
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False):
-    """Yield a temporary sibling directory that replaces ``out_dir`` only if the block completes.
-
-    On any error the temporary directory is removed and ``out_dir`` is left as it was.
-
-    Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_modeling_files(out_dir: str | Path) -> None:
     """Copy the package's own modules (verbatim) beside a checkpoint for ``trust_remote_code``."""
     for module in SHIPPED_MODULES:
@@ -201,7 +165,7 @@ def save_compressed(model: PreTrainedModel, out_dir: str | Path, tokenizer=None,
                     max_shard_size: str = "5GB", statistics: dict | None = None) -> Path:
     """Save a shared-core model as a self-describing directory (see the module docstring).
 
-    The directory appears atomically: everything is written to a temporary sibling first.
+    The directory appears atomically (``run_layout.atomic_output_dir``).
 
     Args:
         model: a ``SharedCore*ForCausalLM`` (from ``compress_model`` or ``load_compressed``).
@@ -228,24 +192,50 @@ def is_compressed_checkpoint(path: str | Path) -> bool:
     return cfg.is_file() and "shared_core" in json.loads(cfg.read_text())
 
 
-def read_weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Shapes of every tensor in a directory's safetensors file(s), read from headers only.
+def read_weight_map(path: str | Path) -> dict[str, str]:
+    """{tensor name: safetensors file name} of a model directory, from its index or its single file's header.
 
     Raises:
-        CheckpointError: no safetensors weights, or an index naming a missing shard.
+        CheckpointError: no model.safetensors or model.safetensors.index.json, or an index naming a missing shard.
     """
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = json.loads(index.read_text())["weight_map"]
     elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+        with safe_open(path / "model.safetensors", framework="pt") as f:
+            weight_map = {key: "model.safetensors" for key in f.keys()}
     else:
         raise CheckpointError(f"{path} holds no model.safetensors or model.safetensors.index.json")
+    missing = sorted({name for name in weight_map.values() if not (path / name).is_file()})
+    if missing:
+        raise CheckpointError(f"{path}: the index names shard(s) that are missing: {missing}")
+    return weight_map
+
+
+def read_tensors(path: str | Path, weight_map: dict[str, str], keys) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` of a model directory, each shard opened once (lazily, ``safe_open``), in stored dtype."""
+    by_file: dict[str, list[str]] = {}
+    for key in keys:
+        by_file.setdefault(weight_map[key], []).append(key)
+    tensors = {}
+    for name, file_keys in by_file.items():
+        with safe_open(Path(path) / name, framework="pt") as f:
+            for key in file_keys:
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def read_weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of every tensor in a directory's safetensors file(s), read from headers only.
+
+    Raises:
+        CheckpointError: see ``read_weight_map``.
+    """
+    path = Path(path)
+    weight_map = read_weight_map(path)
     shapes = {}
-    for name in files:
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path}: the index names shard {name}, which is missing")
+    for name in sorted(set(weight_map.values())):
         with safe_open(path / name, framework="pt") as f:
             for key in f.keys():
                 shapes[key] = tuple(f.get_slice(key).get_shape())
@@ -296,16 +286,6 @@ def validate_compressed_checkpoint(path: str | Path) -> PretrainedConfig:
     if problems:
         raise CheckpointError(f"{path} does not match its config (ranks {section['ranks']}): " + "; ".join(problems))
     return config
-
-
-def register_auto_classes() -> None:
-    """Make ``AutoConfig``/``AutoModelForCausalLM`` resolve every ``shared_core_*`` type in this process."""
-    for config_cls, model_cls in modeling_shared_core.SHARED_CORE_CLASSES.values():
-        try:
-            AutoConfig.register(config_cls.model_type, config_cls)
-            AutoModelForCausalLM.register(config_cls, model_cls)
-        except ValueError:  # already registered
-            pass
 
 
 def load_compressed(path: str | Path, dtype: torch.dtype | str | None = None, **kwargs) -> PreTrainedModel:

@@ -1,17 +1,8 @@
-"""Parameter and compute accounting of a shared-core model against its original (compression_statistics.yaml).
+"""Expert-storage and compute accounting of shared-core models (compression_statistics.yaml).
 
-Everything is computed from the config alone (models are built on the meta device, no weights), so it
-works for Qwen3-30B-A3B-sized models on a laptop.
-
-Conventions:
-    * expert parameters: the routed experts of the MoE layers (shared experts and routers are not experts);
-      a compressed layer holds, per projection p with shape (d_out, d_in), one core d_out·d_in plus
-      E·2·r_p·(d_in + d_out) wrapper parameters.
-    * active parameters per token: every parameter except the routed experts a token does not visit; the
-      core is active once per token (it is used by all k visited experts).
-    * expert MACs per token: multiply-accumulates of the routed experts for one token. Original: 3·k·d·I.
-      Compressed: see ``SharedCoreExperts`` — 3·d·I + k·Σ_p r_p·c_p + E·d·I·Σ_p r_p / T, with
-      c_gate = c_up = d + 3I and c_down = 3I + d, and T the tokens in one forward call (``tokens_per_forward``).
+``expert_params``/``expert_bytes`` are the one formula for a MoE layer's routed-expert storage, dense or
+shared-core; the rank choice (``moe_ds.compress``) and ``compression_statistics`` both use it. Statistics
+come from the config alone (meta-device builds, no weights), so they run for 30B-parameter models anywhere.
 """
 
 import torch
@@ -20,6 +11,46 @@ from .arch import PROJECTIONS, get_architecture
 from .modeling_shared_core import base_model_class, find_experts
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+def projection_shapes(hidden_size: int, intermediate_size: int) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of each SwiGLU projection: gate and up (I, d), down (d, I)."""
+    d, i = hidden_size, intermediate_size
+    return {"gate": (i, d), "up": (i, d), "down": (d, i)}
+
+
+def _ranks(ranks: int | dict) -> dict[str, int]:
+    return {p: int(ranks if isinstance(ranks, int) else ranks[p]) for p in PROJECTIONS}
+
+
+def wrapper_params(hidden_size: int, intermediate_size: int, ranks: int | dict) -> int:
+    """Parameters of one expert's wrappers (U_in, V_in, U_out, V_out of the three projections).
+
+    Σ_p 2·r_p·(d_in + d_out); ``ranks`` is one r for all projections or {"gate": r, "up": r, "down": r}.
+    """
+    shapes, r = projection_shapes(hidden_size, intermediate_size), _ranks(ranks)
+    return sum(2 * r[p] * (d_out + d_in) for p, (d_out, d_in) in shapes.items())
+
+
+def expert_params(num_experts: int, hidden_size: int, intermediate_size: int, ranks: int | dict | None = None) -> int:
+    """Routed-expert parameters of one MoE layer: dense E·3·d·I (``ranks=None``), or shared-core
+    3·d·I (the three cores, once per layer) + E·``wrapper_params``."""
+    d, i = hidden_size, intermediate_size
+    if ranks is None:
+        return num_experts * 3 * d * i
+    return 3 * d * i + num_experts * wrapper_params(d, i, ranks)
+
+
+def dtype_bytes(dtype: str | torch.dtype | None) -> int:
+    """Bytes per element of a floating dtype given as "bfloat16", "torch.bfloat16" or ``torch.bfloat16``
+    (None and unknown names: 4, float32)."""
+    return DTYPE_BYTES.get(str(dtype or "float32").replace("torch.", ""), 4)
+
+
+def expert_bytes(num_experts: int, hidden_size: int, intermediate_size: int, ranks: int | dict | None = None,
+                 dtype: str | torch.dtype | None = "float32") -> int:
+    """Routed-expert storage of one MoE layer in bytes: ``expert_params`` × ``dtype_bytes(dtype)``."""
+    return expert_params(num_experts, hidden_size, intermediate_size, ranks) * dtype_bytes(dtype)
 
 
 def _num_params(model: torch.nn.Module) -> int:
@@ -46,6 +77,9 @@ def expert_shapes(config) -> dict:
 def compression_statistics(config, tokens_per_forward: int = 8192) -> dict:
     """Original vs compressed parameter counts, active parameters, expert MACs per token and bytes.
 
+    Expert MACs per token follow ``SharedCoreExperts``' cost model: original 3·k·d·I; compressed
+    3·d·I + k·Σ_p r_p·c_p + E·d·I·Σ_p r_p / T with c_gate = c_up = c_down = d + 3I.
+
     Args:
         config: a shared-core config (with a ``shared_core`` section holding ``ranks``).
         tokens_per_forward: T over which the once-per-forward precomputation is amortised.
@@ -53,21 +87,17 @@ def compression_statistics(config, tokens_per_forward: int = 8192) -> dict:
     Returns:
         A nested dict of plain ints/floats (YAML-ready); ratios are compressed / original.
     """
-    ranks = {p: int(config.shared_core["ranks"][p]) for p in PROJECTIONS}
+    ranks = _ranks(config.shared_core["ranks"])
     s = expert_shapes(config)
     e, k, d, i, n_layers = s["num_experts"], s["top_k"], s["hidden_size"], s["intermediate_size"], len(s["moe_layers"])
-    shapes = {"gate": (i, d), "up": (i, d), "down": (d, i)}
-
-    orig_expert = 3 * d * i  # one dense expert
-    wrapper = sum(2 * ranks[p] * (shapes[p][0] + shapes[p][1]) for p in PROJECTIONS)  # one expert's wrappers
-    cores = 3 * d * i  # the three cores of one layer
-    orig_layer = e * orig_expert
-    comp_layer = cores + e * wrapper
+    wrapper = wrapper_params(d, i, ranks)  # one expert's wrappers
+    orig_layer = expert_params(e, d, i)
+    comp_layer = expert_params(e, d, i, ranks)
 
     total_orig = s["total_params"]
     non_expert = total_orig - n_layers * orig_layer
     total_comp = non_expert + n_layers * comp_layer
-    active_orig = total_orig - n_layers * (e - k) * orig_expert
+    active_orig = total_orig - n_layers * (e - k) * expert_params(1, d, i)
     active_comp = total_comp - n_layers * (e - k) * wrapper
 
     per_expert_macs = sum(ranks[p] * c for p, c in (("gate", d + 3 * i), ("up", d + 3 * i), ("down", 3 * i + d)))
@@ -75,8 +105,8 @@ def compression_statistics(config, tokens_per_forward: int = 8192) -> dict:
     macs_comp_inf = n_layers * (3 * d * i + k * per_expert_macs)
     macs_comp = macs_comp_inf + n_layers * e * d * i * sum(ranks.values()) / tokens_per_forward
 
-    dtype = str(getattr(config, "dtype", None) or "float32")
-    nbytes = DTYPE_BYTES.get(dtype.replace("torch.", ""), 4)
+    dtype = str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
+    nbytes = dtype_bytes(dtype)
     return {
         "model_type": get_architecture(config.model_type).model_type,
         "ranks": ranks,
@@ -89,6 +119,7 @@ def compression_statistics(config, tokens_per_forward: int = 8192) -> dict:
         "expert_macs_per_token": {"original": macs_orig, "compressed": round(macs_comp),
                                   "compressed_without_precompute": macs_comp_inf, "ratio": macs_comp / macs_orig,
                                   "tokens_per_forward": tokens_per_forward},
-        "bytes": {"dtype": dtype.replace("torch.", ""), "original": total_orig * nbytes,
-                  "compressed": total_comp * nbytes, "ratio": total_comp / total_orig},
+        "bytes": {"dtype": dtype, "original": total_orig * nbytes, "compressed": total_comp * nbytes,
+                  "ratio": total_comp / total_orig, "experts_original": n_layers * expert_bytes(e, d, i, None, dtype),
+                  "experts_compressed": n_layers * expert_bytes(e, d, i, ranks, dtype)},
     }

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FAMILIES, tiny_model
 from moe_ds import arch, modeling_shared_core, shared_core
-from moe_ds.checkpoint import (CheckpointError, compress_model, export_dense, load_compressed, save_compressed,
-                               validate_compressed_checkpoint)
+from moe_ds.checkpoint import (CheckpointError, compress_model, export_dense, load_compressed, read_tensors,
+                               read_weight_map, save_compressed, validate_compressed_checkpoint)
 
 RANKS = {"gate": 3, "up": 4, "down": 5}
 
@@ -94,6 +94,21 @@ def test_sharded_save_loads_back(tmp_path):
     ids = torch.randint(0, 300, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(load_compressed(tmp_path / "c")(ids).logits, model(ids).logits)
+
+
+def test_one_index_reader_for_single_and_sharded_weights(tmp_path):
+    model = compress_model(tiny_model("mixtral"), RANKS)
+    save_compressed(model, tmp_path / "one")
+    save_compressed(model, tmp_path / "sharded", max_shard_size="20KB")
+    single, sharded = read_weight_map(tmp_path / "one"), read_weight_map(tmp_path / "sharded")
+    assert set(single) == set(sharded) and set(single.values()) == {"model.safetensors"}
+    key = "model.layers.1.mlp.experts.down_u_out"
+    torch.testing.assert_close(read_tensors(tmp_path / "sharded", sharded, [key])[key],
+                               model.get_parameter(key).detach())
+    shard = sharded[key]
+    (tmp_path / "sharded" / shard).unlink()
+    with pytest.raises(CheckpointError, match=f"missing: \\['{shard}'\\]"):
+        validate_compressed_checkpoint(tmp_path / "sharded")
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path):

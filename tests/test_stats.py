@@ -6,7 +6,7 @@ import yaml
 
 from conftest import tiny_model
 from moe_ds.checkpoint import compress_model, save_compressed, shared_core_config
-from moe_ds.stats import compression_statistics
+from moe_ds.stats import compression_statistics, dtype_bytes, expert_bytes, expert_params, wrapper_params
 
 QWEN3_30B_A3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                      num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
@@ -40,6 +40,8 @@ def test_qwen3_30b_a3b_by_hand(r):
     assert s["expert_macs_per_token"]["original"] == macs_orig
     assert s["expert_macs_per_token"]["compressed"] == round(macs_comp)
     assert s["bytes"]["original"] == 2 * total and s["bytes"]["dtype"] == "bfloat16"
+    assert s["bytes"]["experts_original"] == 2 * L * E * expert
+    assert s["bytes"]["experts_compressed"] == 2 * L * comp_layer
     if r == 64:
         assert round(s["expert_params"]["ratio"], 4) == 0.2370
         assert round(s["expert_macs_per_token"]["ratio"], 3) == 0.427
@@ -55,3 +57,19 @@ def test_statistics_file_is_written_beside_the_checkpoint(tmp_path):
     assert s["total_params"]["compressed"] == n_params  # matches the real module, shared expert included
     assert s["shape"] == {"moe_layers": 2, "num_experts": 6, "top_k": 2, "hidden_size": 32, "intermediate_size": 24}
     assert s["note"] == "extra entries are merged"
+
+
+def test_one_expert_storage_formula():
+    """Dense and shared-core expert parameters/bytes of one layer, against a real module's parameter count."""
+    from moe_ds.shared_core import SharedCoreExperts
+
+    ranks = {"gate": 3, "up": 5, "down": 0}
+    module = SharedCoreExperts(6, 32, 24, ranks)
+    assert expert_params(6, 32, 24, ranks) == sum(p.numel() for p in module.parameters())
+    assert wrapper_params(32, 24, ranks) == 2 * 3 * (32 + 24) + 2 * 5 * (32 + 24)
+    assert expert_params(6, 32, 24) == 6 * 3 * 32 * 24
+    assert expert_params(6, 32, 24, 4) == expert_params(6, 32, 24, {"gate": 4, "up": 4, "down": 4})
+    assert expert_params(6, 32, 24, 0) == 3 * 32 * 24  # the cores alone
+    assert expert_bytes(6, 32, 24, ranks, "torch.bfloat16") == 2 * expert_params(6, 32, 24, ranks)
+    assert expert_bytes(6, 32, 24) == 4 * expert_params(6, 32, 24)
+    assert [dtype_bytes(t) for t in ("float32", "float16", None)] == [4, 2, 4]
