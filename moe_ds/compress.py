@@ -1,24 +1,23 @@
 """Stage 1: zero-shot shared-core compression, one slice of layers per rank.
 
-Each rank owns the MoE layers ``layers_for_rank(rank, world_size, layers)``, reads only those layers' expert
-weights lazily from the safetensors shards (per-expert on-disk names from ``arch.py``), fits every projection
-(``moe_ds.fit``) on ``cuda:LOCAL_RANK`` or the CPU in fp32, and writes the layer's factors atomically to
-``OUTPUT/.factors/layer-NNNNN.safetensors``. Ranks never talk until the final barrier; then rank 0 assembles
-the loadable compressed model directory (``moe_ds.checkpoint`` format) in OUTPUT, ``config.json`` last.
-
-Resuming: a rerun skips layers whose factor file exists and carries this run's fingerprint. A factor file is
-only ever created by ``os.replace`` of a complete temporary file, so nothing half-written is read as done.
+Each rank owns the MoE layers ``layers_for_rank(rank, world_size, layers)``, reads only their expert weights
+from the safetensors shards (``ExpertReader``), fits every projection (``moe_ds.fit``) in fp32 on its device,
+and writes each layer's factors atomically to ``OUTPUT/.factors/layer-NNNNN.safetensors``; a rerun skips
+layers whose file carries this run's fingerprint. After the final barrier rank 0 assembles the loadable
+compressed model (``moe_ds.checkpoint`` format) in OUTPUT, ``config.json`` last.
 """
 
+import bisect
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import yaml
@@ -28,10 +27,12 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from .arch import PROJECTIONS, get_architecture
-from .checkpoint import STATISTICS_FILE, finish_checkpoint, shared_core_config, validate_compressed_checkpoint
+from .checkpoint import (STATISTICS_FILE, finish_checkpoint, read_tensors, read_weight_map, shared_core_config,
+                         validate_compressed_checkpoint)
 from .dist import barrier, device_for, init_distributed, log_main
-from .fit import FitConfig, eckart_young_error, fit_projection
-from .run_layout import write_text_atomic
+from .fit import FitConfig, Init, Optimizer, eckart_young_error, fit_projection
+from .run_layout import atomic_file, write_atomic
+from .stats import expert_params
 
 logger = logging.getLogger("moe_ds")
 
@@ -46,36 +47,44 @@ class CompressError(ValueError):
     """Bad input to the compression stage (the message names the problem)."""
 
 
+SaveDtype = Literal["auto", "float32", "bfloat16", "float16"]
+ReportTo = Literal["none", "wandb"]
+
+
 @dataclass
 class CompressConfig:
-    model: str  # original model: local directory or Hugging Face Hub id
-    output: str  # the compressed model directory to create
-    rank: int | None = None  # wrapper rank r of every projection (or give target_ratio)
+    model: str  # original MoE model: local directory or Hugging Face Hub id
+    output: str  # the compressed model directory to create (rerunning the same command resumes)
+    rank: int | None = None  # wrapper rank r of every projection (give this or target_ratio)
     target_ratio: float | None = None  # pick the largest r whose expert-parameter ratio is <= this
-    init: str = "spec"  # "spec" or "svd" (see moe_ds.fit)
+    init: Init = "mean"  # zero-shot start: mean (C = mean expert, U = 0, V ~ N(0, σ²)) or svd (closed form)
     steps: int = 1000  # Adam steps per (layer, projection)
-    lr: float = 1e-3
-    tol: float = 0.0  # relative-improvement stop per `check_every` steps (0: run all steps)
-    init_std: float = 1.0  # σ of V at the spec init
-    optimizer: str = "adam"  # "adam" or "adamw"
-    seed: int = 0
-    save_dtype: str = "auto"  # dtype of the stored factors: "auto" (the original's), "float32", "bfloat16"
-    overwrite: bool = False  # replace results of a different configuration in `output`
+    lr: float = 1e-3  # Adam learning rate
+    tol: float = 0.0  # stop early below this relative improvement per 50 steps (0: run all steps)
+    init_std: float = 1.0  # σ of V at the mean start
+    optimizer: Optimizer = "adam"  # Adam or AdamW
+    seed: int = 0  # seeds the mean start's V per (layer, projection), whatever the number of ranks
+    save_dtype: SaveDtype = "auto"  # dtype of the stored model: auto keeps the original's
+    overwrite: bool = False  # replace results of a different configuration in OUTPUT
     keep_factors: bool = False  # keep OUTPUT/.factors after assembly
-    report_to: str = "none"  # "wandb" logs the per-layer error table (offline unless WANDB_MODE says otherwise)
+    report_to: ReportTo = "none"  # wandb logs the per-layer error table (offline unless WANDB_MODE says otherwise)
 
     def __post_init__(self):
+        """Raises CompressError naming the offending setting."""
         if (self.rank is None) == (self.target_ratio is None):
-            raise ValueError("give exactly one of rank and target_ratio")
+            raise CompressError(f"give exactly one of rank and target_ratio (got rank={self.rank}, "
+                                f"target_ratio={self.target_ratio})")
         if self.rank is not None and self.rank < 0:
-            raise ValueError(f"rank must be >= 0, got {self.rank}")
+            raise CompressError(f"rank must be >= 0, got {self.rank}")
         if self.target_ratio is not None and not 0 < self.target_ratio <= 1:
-            raise ValueError(f"target_ratio must be in (0, 1], got {self.target_ratio}")
-        if self.save_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"save_dtype must be auto, float32, bfloat16 or float16, got {self.save_dtype!r}")
-        if self.report_to not in ("none", "wandb"):
-            raise ValueError(f"report_to must be none or wandb, got {self.report_to!r}")
-        self.fit_config()  # validates the fit settings
+            raise CompressError(f"target_ratio must be in (0, 1], got {self.target_ratio}")
+        for name, choices in (("save_dtype", get_args(SaveDtype)), ("report_to", get_args(ReportTo))):
+            if getattr(self, name) not in choices:
+                raise CompressError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        try:
+            self.fit_config()
+        except ValueError as err:
+            raise CompressError(str(err)) from err
 
     def fit_config(self) -> FitConfig:
         return FitConfig(init=self.init, steps=self.steps, lr=self.lr, tol=self.tol, init_std=self.init_std,
@@ -115,23 +124,19 @@ def resolve_model_dir(model: str) -> Path:
 
 
 class ExpertReader:
-    """Reads one layer's expert weights at a time from a model directory's safetensors, never the whole model."""
+    """Reads one layer's expert weights at a time from a model directory's safetensors, never the whole model.
+
+    Raises (at construction):
+        CheckpointError: no safetensors weights, or a missing shard (``checkpoint.read_weight_map``).
+        CompressError: no MoE expert weights, or some experts' weights missing.
+        UnsupportedModelError: the model type is not in ``arch.ARCHITECTURES``.
+    """
 
     def __init__(self, model_dir: Path, config):
         self.model_dir = Path(model_dir)
         self.arch = get_architecture(config.model_type)
         self.num_experts = int(getattr(config, self.arch.num_experts_key))
-        index = self.model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            self.weight_map = json.loads(index.read_text())["weight_map"]
-        elif (self.model_dir / "model.safetensors").is_file():
-            with safe_open(self.model_dir / "model.safetensors", framework="pt") as f:
-                self.weight_map = {k: "model.safetensors" for k in f.keys()}
-        else:
-            raise CompressError(f"{self.model_dir} has no model.safetensors or model.safetensors.index.json")
-        missing = sorted({f for f in self.weight_map.values() if not (self.model_dir / f).is_file()})
-        if missing:
-            raise CompressError(f"{self.model_dir}: the index names shard(s) that are missing: {missing}")
+        self.weight_map = read_weight_map(self.model_dir)
         self.layers = sorted(layer for layer in range(int(config.num_hidden_layers))
                              if self.arch.expert_key(layer, 0, "gate") in self.weight_map)
         if not self.layers:
@@ -146,14 +151,7 @@ class ExpertReader:
     def read_layer(self, layer: int) -> dict[str, torch.Tensor]:
         """{proj: [E, d_out, d_in]} in the stored dtype, read lazily with ``safe_open``."""
         keys = {p: [self.arch.expert_key(layer, e, p) for e in range(self.num_experts)] for p in PROJECTIONS}
-        by_file: dict[str, list[str]] = {}
-        for key in (k for ks in keys.values() for k in ks):
-            by_file.setdefault(self.weight_map[key], []).append(key)
-        tensors = {}
-        for name, file_keys in by_file.items():
-            with safe_open(self.model_dir / name, framework="pt") as f:
-                for key in file_keys:
-                    tensors[key] = f.get_tensor(key)
+        tensors = read_tensors(self.model_dir, self.weight_map, [k for ks in keys.values() for k in ks])
         return {p: torch.stack([tensors.pop(k) for k in ks]) for p, ks in keys.items()}
 
     def non_expert_groups(self) -> dict[int, list[str]]:
@@ -168,32 +166,25 @@ class ExpertReader:
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """The given on-disk keys, returned under their in-memory names."""
-        by_file: dict[str, list[str]] = {}
-        for key in keys:
-            by_file.setdefault(self.weight_map[key], []).append(key)
-        state = {}
-        for name, file_keys in by_file.items():
-            with safe_open(self.model_dir / name, framework="pt") as f:
-                for key in file_keys:
-                    state[self.arch.disk_to_memory(key)] = f.get_tensor(key)
-        return state
+        tensors = read_tensors(self.model_dir, self.weight_map, keys)
+        return {self.arch.disk_to_memory(key): tensor for key, tensor in tensors.items()}
 
 
 def expert_ratio(rank: int, e: int, d: int, i: int) -> float:
-    """Expert-parameter ratio compressed/original at wrapper rank r (cores counted once per layer)."""
-    return (3 * d * i + e * 3 * 2 * rank * (d + i)) / (e * 3 * d * i)
+    """Expert-parameter ratio compressed/original at wrapper rank r (``stats.expert_params``)."""
+    return expert_params(e, d, i, rank) / expert_params(e, d, i)
 
 
 def rank_for_ratio(ratio: float, e: int, d: int, i: int) -> int:
-    """The largest rank whose expert-parameter ratio is <= ratio.
+    """The largest rank in [0, min(d, I)] whose expert-parameter ratio is <= ratio.
 
     Raises:
         CompressError: even rank 0 (the cores alone) exceeds the ratio.
     """
-    r = math.floor((ratio * e * 3 * d * i - 3 * d * i) / (e * 6 * (d + i)))
-    if r < 0:
+    if expert_ratio(0, e, d, i) > ratio:
         raise CompressError(f"target ratio {ratio} is below the cores' own share {expert_ratio(0, e, d, i):.4f}")
-    return min(r, min(d, i))
+    ranks = range(min(d, i) + 1)  # the ratio grows with r
+    return bisect.bisect_right(ranks, ratio, key=lambda r: expert_ratio(r, e, d, i)) - 1
 
 
 def _fingerprint(cfg: CompressConfig, model_config, rank: int) -> str:
@@ -213,7 +204,7 @@ def _read_factor_meta(path: Path) -> dict | None:
     try:
         with safe_open(path, framework="pt") as f:
             return json.loads(f.metadata()["moe_ds"])
-    except Exception:  # not written by os.replace of a complete file: treat as absent
+    except Exception:  # not written by atomic_file (e.g. a foreign or damaged file): treat as absent
         logger.warning("ignoring unreadable factor file %s", path)
         return None
 
@@ -269,7 +260,7 @@ def compress(cfg: CompressConfig) -> Path:
     """Run stage 1 on this rank (all layers when not launched with several ranks). Returns the output dir.
 
     Raises:
-        CompressError / UnsupportedModelError / ValueError: bad input, before any file is written.
+        CompressError / CheckpointError / UnsupportedModelError: bad input, before any file is written.
     """
     info = init_distributed()
     device = device_for(info)
@@ -301,7 +292,7 @@ def compress(cfg: CompressConfig) -> Path:
             (out / "config.json").unlink()  # the directory is no longer a finished model
         resolved = {"fingerprint": fingerprint, "rank": rank, "model_dir": str(model_dir),
                     "world_size": info.world_size, **asdict(cfg)}
-        write_text_atomic(out / RUN_CONFIG, json.dumps(resolved, indent=2))
+        write_atomic(out / RUN_CONFIG, json.dumps(resolved, indent=2))
 
     todo = []
     for layer in mine:
@@ -316,10 +307,8 @@ def compress(cfg: CompressConfig) -> Path:
     for n, layer in enumerate(todo, 1):
         tensors, stats = fit_layer(reader, layer, rank, cfg, device, bar)
         meta = {"fingerprint": fingerprint, "layer": layer, "rank": rank, "stats": stats}
-        path = _factor_path(out, layer)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        save_file(tensors, tmp, metadata={"moe_ds": json.dumps(meta)})
-        os.replace(tmp, path)
+        with atomic_file(_factor_path(out, layer)) as tmp:
+            save_file(tensors, tmp, metadata={"moe_ds": json.dumps(meta)})
         logger.info("layer %d: rel. error gate %.4f up %.4f down %.4f (rank-2r SVD bound %.4f %.4f %.4f)", layer,
                     *(stats[p]["rel_error"] for p in PROJECTIONS), *(stats[p]["eckart_young_2r"] for p in PROJECTIONS))
         if stop_after and n >= stop_after:
@@ -358,24 +347,24 @@ def assemble(cfg: CompressConfig, model_dir: Path, model_config, reader: ExpertR
     stored = getattr(model_config, "dtype", None) or torch.float32
     stored = getattr(torch, str(stored).replace("torch.", "")) if not isinstance(stored, torch.dtype) else stored
     save_dtype = stored if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
-    tmp = out / f".assembly-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _write_shards(tmp, reader, out, save_dtype)
-    config = shared_core_config(model_config, {p: rank for p in PROJECTIONS}, method=cfg.init)
-    config.dtype = save_dtype
-    config.save_pretrained(tmp)
-    extra = {"fit": {**asdict(cfg.fit_config()), "seed": cfg.seed},
-             "reconstruction_error": {int(layer): s for layer, s in per_layer.items()}}
-    finish_checkpoint(tmp, config, tokenizer=model_dir, statistics=extra)
-    stats = yaml.safe_load((tmp / STATISTICS_FILE).read_text())
-    table = error_table(per_layer)
-    (tmp / "reconstruction_errors.md").write_text(
-        f"Relative reconstruction error ||W − Ŵ||_F / ||W||_F per layer and projection (rank {rank}, init "
-        f"{cfg.init}, {cfg.steps} steps), beside the rank-2r truncated-SVD bound for the same core:\n\n{table}\n")
-    for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
-        os.replace(path, out / path.name)
-    tmp.rmdir()
+    # Not run_layout.atomic_output_dir: OUTPUT also holds the resumable factors (and whatever --overwrite
+    # kept), so the finished files are moved in one by one, config.json last, instead of swapping the folder.
+    with tempfile.TemporaryDirectory(prefix=".assembly-", dir=out) as tmp:
+        tmp = Path(tmp)
+        _write_shards(tmp, reader, out, save_dtype)
+        config = shared_core_config(model_config, {p: rank for p in PROJECTIONS}, method=cfg.init)
+        config.dtype = save_dtype
+        config.save_pretrained(tmp)
+        extra = {"fit": {**asdict(cfg.fit_config()), "seed": cfg.seed},
+                 "reconstruction_error": {int(layer): s for layer, s in per_layer.items()}}
+        finish_checkpoint(tmp, config, tokenizer=model_dir, statistics=extra)
+        stats = yaml.safe_load((tmp / STATISTICS_FILE).read_text())
+        table = error_table(per_layer)
+        (tmp / "reconstruction_errors.md").write_text(
+            f"Relative reconstruction error ||W − Ŵ||_F / ||W||_F per layer and projection (rank {rank}, init "
+            f"{cfg.init}, {cfg.steps} steps), beside the rank-2r truncated-SVD bound for the same core:\n\n{table}\n")
+        for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
+            os.replace(path, out / path.name)
     validate_compressed_checkpoint(out)
     if not cfg.keep_factors:
         shutil.rmtree(out / FACTORS_DIR)

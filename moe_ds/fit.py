@@ -1,45 +1,35 @@
 """Zero-shot fit of one (layer, projection): a shared core C and per-expert low-rank wrappers.
 
-Minimises Σ_e ||W_e − Ŵ_e||²_F with Ŵ_e = (I + U_out,e V_out,eᵀ) C (I + U_in,e V_in,eᵀ) by Adam on C and all
-wrappers, in fp32, from one of two starts:
-
-``spec`` (the user's specification): C = mean_e W_e, U_in = U_out = 0, V_in, V_out ~ N(0, σ²).
-
-``svd``: closed-form wrappers from truncated SVDs, built in two ridge-regularised least-squares steps so that
-no (pseudo-)inverse of the ill-conditioned mean expert is ever formed (FINDINGS.md: a C⁺-based split
-diverges). With C = mean:
-  1. input wrapper: R_e = W_e − C ≈ P S Qᵀ (rank r); V_in = Q, and U_in solves
-     min ||C U_in − P S||² + λ_C ||U_in||², i.e. U_in = Cᵀ (C Cᵀ + λ_C I)⁻¹ P S;
-  2. output wrapper on the remaining residual: W¹_e = C (I + U_in V_inᵀ), W_e − W¹_e ≈ P' S' Q'ᵀ (rank r);
-     U_out = P' S'^½ and V_out solves min ||V_outᵀ W¹_e − S'^½ Q'ᵀ||² + λ_e ||V_out||²,
-     i.e. V_out = (W¹_e W¹_eᵀ + λ_e I)⁻¹ W¹_e Q' S'^½,
-  with λ = ``svd_ridge`` × the mean eigenvalue of the Gram matrix (Tikhonov regularisation).
-  Then the same Adam refinement.
-
-Reference point (Eckart–Young–Mirsky): for the same C, a rank-2r truncated SVD of each W_e − C uses exactly
-the wrappers' parameter count per expert, 2r(d_in + d_out), and is the best any rank-2r correction can do;
-``eckart_young_error`` reports it beside our error.
+Minimises Σ_e ||W_e − Ŵ_e||²_F, Ŵ_e = (I + U_out,e V_out,eᵀ) C (I + U_in,e V_in,eᵀ), by Adam on C and all
+wrappers in fp32, from the "mean" start (C = mean expert, U = 0, V ~ N(0, σ²); ``shared_core.mean_init``)
+or the "svd" start (closed-form wrappers from truncated SVDs with ridge-regularised solves; ``svd_init``).
+``eckart_young_error`` gives the best any rank-2r correction of the same core can do, for comparison.
 """
 
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 
-INITS = ("spec", "svd")
-OPTIMIZERS = ("adam", "adamw")
+from .shared_core import mean_init, reconstruct
+
+Init = Literal["mean", "svd"]
+Optimizer = Literal["adam", "adamw"]
+INITS = get_args(Init)
+OPTIMIZERS = get_args(Optimizer)
 
 
 @dataclass
 class FitConfig:
-    init: str = "spec"  # "spec" (C = mean, U = 0, V ~ N(0, σ²)) or "svd" (closed-form, see module docstring)
+    init: Init = "mean"  # zero-shot start: "mean" (C = mean expert, U = 0, V ~ N(0, σ²)) or "svd" (closed form)
     steps: int = 1000  # Adam steps (upper bound when tol > 0)
     lr: float = 1e-3  # Adam learning rate
     tol: float = 0.0  # stop when the relative loss improvement over `check_every` steps falls below this
     check_every: int = 50  # steps between convergence checks (and history records)
-    init_std: float = 1.0  # σ of V at the spec init
-    optimizer: str = "adam"  # "adam" or "adamw"
+    init_std: float = 1.0  # σ of V at the mean start
+    optimizer: Optimizer = "adam"  # Adam or AdamW
     weight_decay: float = 0.0  # only for adamw
     svd_ridge: float = 1e-2  # λ relative to the mean Gram eigenvalue for the svd init
 
@@ -68,13 +58,6 @@ class FitResult:
     history: list = field(default_factory=list)  # [(step, rel_error)] every check_every steps
 
 
-def reconstruct(core: torch.Tensor, u_in: torch.Tensor, v_in: torch.Tensor, u_out: torch.Tensor,
-                v_out: torch.Tensor) -> torch.Tensor:
-    """Ŵ_e for all experts: [E, d_out, d_in] from core [d_out, d_in] and wrappers [E, d, r]."""
-    w = core + (core @ u_in) @ v_in.transpose(1, 2)
-    return w + u_out @ (v_out.transpose(1, 2) @ w)
-
-
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     """||W − Ŵ||_F / ||W||_F over all experts (one number for the stacked [E, d_out, d_in])."""
     return (torch.linalg.vector_norm(w - w_hat) / torch.linalg.vector_norm(w)).item()
@@ -100,7 +83,19 @@ def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.T
 
 
 def svd_init(w: torch.Tensor, rank: int, ridge: float) -> dict:
-    """Closed-form starting factors (module docstring, "svd"). w: [E, d_out, d_in] fp32."""
+    """The "svd" start: closed-form wrappers from truncated SVDs of the residuals, with C = mean expert.
+
+    1. R_e = W_e − C ≈ P S Qᵀ (rank r); V_in = Q, U_in = Cᵀ (C Cᵀ + λ I)⁻¹ P S (ridge solve, no C⁺).
+    2. W¹_e = C (I + U_in V_inᵀ), W_e − W¹_e ≈ P' S' Q'ᵀ; U_out = P' S'^½,
+       V_out = (W¹_e W¹_eᵀ + λ I)⁻¹ W¹_e Q' S'^½.
+    λ = ``ridge`` × the mean eigenvalue of the Gram matrix (Tikhonov).
+
+    Args:
+        w: [E, d_out, d_in] fp32; rank: r; ridge: relative λ.
+
+    Returns:
+        The five factors (see ``FitResult.factors``), fp32 on w.device.
+    """
     core = w.mean(0)
     if rank == 0:
         e, d_out, d_in = w.shape
@@ -123,17 +118,6 @@ def svd_init(w: torch.Tensor, rank: int, ridge: float) -> dict:
     return {"core": core, "u_in": u_in, "v_in": v_in, "u_out": u_out, "v_out": v_out}
 
 
-def spec_init(w: torch.Tensor, rank: int, init_std: float, generator: torch.Generator) -> dict:
-    """The user's zero-shot start: C = mean expert, U = 0, V ~ N(0, init_std²). w: [E, d_out, d_in]."""
-    e, d_out, d_in = w.shape
-
-    def normal(*shape):
-        return torch.randn(*shape, generator=generator, dtype=torch.float32).to(w.device) * init_std
-
-    return {"core": w.mean(0), "u_in": w.new_zeros(e, d_in, rank), "v_in": normal(e, d_in, rank),
-            "u_out": w.new_zeros(e, d_out, rank), "v_out": normal(e, d_out, rank)}
-
-
 def fit_projection(w: torch.Tensor, rank: int, cfg: FitConfig, seed: int = 0, progress=None) -> FitResult:
     """Fit one (layer, projection).
 
@@ -141,7 +125,7 @@ def fit_projection(w: torch.Tensor, rank: int, cfg: FitConfig, seed: int = 0, pr
         w: [E, d_out, d_in] dense expert weights of any float dtype/device; the fit runs in fp32 on w.device.
         rank: wrapper rank r (0 keeps only the core).
         cfg: the fit settings.
-        seed: seeds the spec init's V (a CPU generator, so the result does not depend on the device count).
+        seed: seeds the mean start's V (a CPU generator, so the result does not depend on the device count).
         progress: optional callable(steps_done: int) called every check_every steps (for tqdm).
 
     Returns:
@@ -159,7 +143,7 @@ def fit_projection(w: torch.Tensor, rank: int, cfg: FitConfig, seed: int = 0, pr
     if cfg.init == "svd":
         start = svd_init(w, rank, cfg.svd_ridge)
     else:
-        start = spec_init(w, rank, cfg.init_std, torch.Generator().manual_seed(seed))
+        start = mean_init(w, rank, cfg.init_std, torch.Generator().manual_seed(seed))
     params = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
     init_err = relative_error(w, reconstruct(**start))
     history = [(0, init_err)]

@@ -1,15 +1,11 @@
 """Shared-core experts: every expert of a layer as one shared core plus low-rank wrappers.
 
 For each projection p in {gate, up, down} of a SwiGLU expert e,
-
     W_e ≈ Ŵ_e = (I + U_out,e V_out,eᵀ) · C · (I + U_in,e V_in,eᵀ)
-
-with C [d_out, d_in] shared by the layer's E experts and U_in, V_in [E, d_in, r], U_out, V_out
-[E, d_out, r]. ``SharedCoreExperts`` is a drop-in replacement for a transformers >= 5 fused experts
-module (same call contract); it never materialises the E dense matrices in its forward.
-
-This file is shipped verbatim beside every compressed checkpoint (``trust_remote_code``), so it imports
-only torch, transformers and the sibling ``arch`` module.
+with C [d_out, d_in] shared by the layer's E experts and U_in, V_in [E, d_in, r], U_out, V_out [E, d_out, r].
+``SharedCoreExperts`` replaces a transformers >= 5 fused experts module (same call contract) without ever
+materialising the E dense matrices in its forward. Shipped verbatim beside every compressed checkpoint
+(``trust_remote_code``): imports only torch, transformers and the sibling ``arch`` module.
 """
 
 import math
@@ -22,6 +18,45 @@ from transformers.activations import ACT2FN
 from .arch import PROJECTIONS
 
 _FACTORS = ("core", "u_in", "v_in", "u_out", "v_out")
+
+
+def reconstruct(core: torch.Tensor, u_in: torch.Tensor, v_in: torch.Tensor, u_out: torch.Tensor,
+                v_out: torch.Tensor) -> torch.Tensor:
+    """Dense Ŵ_e = (I + U_out V_outᵀ) C (I + U_in V_inᵀ) of every expert given (the one implementation).
+
+    Args:
+        core: [d_out, d_in]; u_in, v_in: [E, d_in, r]; u_out, v_out: [E, d_out, r] (any float dtype).
+
+    Returns:
+        [E, d_out, d_in] in the factors' dtype.
+    """
+    w = core + (core @ u_in) @ v_in.transpose(1, 2)  # C (I + U_in V_inᵀ)
+    return w + u_out @ (v_out.transpose(1, 2) @ w)  # (I + U_out V_outᵀ) · that
+
+
+def mean_init(w: torch.Tensor, rank: int, init_std: float = 1.0,
+              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The "mean" zero-shot start of one projection: C = mean expert, U = 0, V ~ N(0, init_std²), so Ŵ_e = C.
+
+    Args:
+        w: [E, d_out, d_in] dense expert weights.
+        rank: wrapper rank r.
+        init_std: standard deviation of V_in and V_out.
+        generator: CPU RNG for V (V_in drawn first, then V_out, in float32 on the CPU so the values do not
+            depend on the device); None uses the global CPU RNG.
+
+    Returns:
+        {"core": [d_out, d_in], "u_in", "v_in": [E, d_in, r], "u_out", "v_out": [E, d_out, r]} in w's dtype
+        and device.
+    """
+    e, d_out, d_in = w.shape
+
+    def normal(*shape):
+        v = torch.randn(*shape, generator=generator, dtype=torch.float32) * init_std
+        return v.to(device=w.device, dtype=w.dtype)
+
+    return {"core": w.mean(0), "u_in": w.new_zeros(e, d_in, rank), "v_in": normal(e, d_in, rank),
+            "u_out": w.new_zeros(e, d_out, rank), "v_out": normal(e, d_out, rank)}
 
 
 class SharedCoreExperts(nn.Module):
@@ -145,13 +180,13 @@ class SharedCoreExperts(nn.Module):
     def from_dense(cls, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, ranks: dict,
                    hidden_act: str = "silu", init_std: float = 1.0,
                    generator: torch.Generator | None = None) -> "SharedCoreExperts":
-        """The zero-shot starting point from dense experts: C = mean expert, U = 0, V ~ N(0, init_std²).
+        """The "mean" zero-shot start from dense experts (``mean_init`` per projection).
 
         Args:
             gate_up_proj: [E, 2I, d] fused gate (rows :I) and up (rows I:) weights, transformers >= 5 layout.
             down_proj: [E, d, I].
             ranks: {"gate": r, "up": r, "down": r}.
-            generator: optional RNG for V (CPU generator for CPU tensors).
+            generator: optional CPU RNG for V (see ``mean_init``).
         """
         e, two_i, d = gate_up_proj.shape
         i = two_i // 2
@@ -159,12 +194,9 @@ class SharedCoreExperts(nn.Module):
         module = cls(e, d, i, ranks, hidden_act, init_std, dtype=gate_up_proj.dtype, device=gate_up_proj.device)
         with torch.no_grad():
             for p in PROJECTIONS:
-                f = module.factors(p)
-                f["core"].copy_(dense[p].mean(0))
-                for name in ("v_in", "v_out"):
-                    noise = torch.randn(f[name].shape, generator=generator, dtype=torch.float32,
-                                        device=f[name].device)
-                    f[name].copy_(noise * init_std)
+                start = mean_init(dense[p], module.ranks[p], init_std, generator)
+                for name, tensor in module.factors(p).items():
+                    tensor.copy_(start[name])
         return module
 
     def reconstruct(self, proj: str, experts: torch.Tensor | list[int] | None = None) -> torch.Tensor:
@@ -179,10 +211,7 @@ class SharedCoreExperts(nn.Module):
         """
         f = self.factors(proj)
         idx = slice(None) if experts is None else torch.as_tensor(experts, device=f["core"].device)
-        u_in, v_in, u_out, v_out = f["u_in"][idx], f["v_in"][idx], f["u_out"][idx], f["v_out"][idx]
-        core = f["core"].unsqueeze(0)
-        w = core + (core @ u_in) @ v_in.transpose(1, 2)  # C (I + U_in V_inᵀ)
-        return w + u_out @ (v_out.transpose(1, 2) @ w)  # (I + U_out V_outᵀ) · that
+        return reconstruct(f["core"], f["u_in"][idx], f["v_in"][idx], f["u_out"][idx], f["v_out"][idx])
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused dense weights in the transformers >= 5 layout: gate_up_proj [E, 2I, d], down_proj [E, d, I]."""

@@ -14,7 +14,9 @@ from conftest import REPO, launcher_env, single_process_env, tiny_model
 from moe_ds.checkpoint import load_compressed
 from moe_ds.compress import (CompressConfig, CompressError, compress, expert_ratio, layers_for_rank,
                              rank_for_ratio)
-from moe_ds.fit import FitConfig, eckart_young_error, fit_projection, reconstruct, relative_error
+from moe_ds.fit import FitConfig, eckart_young_error, fit_projection, relative_error
+from moe_ds.shared_core import SharedCoreExperts, mean_init, reconstruct
+from moe_ds.stats import expert_params
 
 
 def test_layers_for_rank_partitions_disjointly_and_evenly():
@@ -35,6 +37,8 @@ def test_rank_for_ratio_is_the_largest_rank_within_the_target(ratio):
     r = rank_for_ratio(ratio, e, d, i)
     assert expert_ratio(r, e, d, i) <= ratio < expert_ratio(r + 1, e, d, i)
     assert rank_for_ratio(0.25, 128, 2048, 768) == 67  # (0.25·128 − 1)·3dI / (6·128·(d + I)) = 67.6
+    assert expert_ratio(r, e, d, i) == expert_params(e, d, i, r) / expert_params(e, d, i)  # the one formula
+    assert rank_for_ratio(1.0, 4, 64, 32) == 8  # (4 − 1)·3·64·32 / (4·6·(64 + 32)) = 8 exactly: ratio 1.0 is kept
 
 
 def test_ratio_below_the_cores_share_is_an_error():
@@ -48,7 +52,7 @@ def synthetic_experts(e=8, d_out=48, d_in=64, spread=0.5, seed=0):
     return torch.stack([base + spread * torch.randn(d_out, d_in, generator=g) for _ in range(e)]) / d_in ** 0.5
 
 
-def test_spec_init_is_exactly_the_users_specification():
+def test_mean_start_is_exactly_the_users_specification():
     w = synthetic_experts()
     res = fit_projection(w, 4, FitConfig(steps=0, init_std=0.7), seed=3)
     f = res.factors
@@ -60,16 +64,34 @@ def test_spec_init_is_exactly_the_users_specification():
     assert torch.equal(again.factors["v_out"], f["v_out"])  # seeded per call
 
 
+def test_fit_and_module_share_the_mean_start_and_the_reconstruction():
+    """fit_projection(init="mean") and SharedCoreExperts.from_dense draw the same start from the same seed."""
+    e, d, i, r = 4, 16, 8, 3
+    g = torch.Generator().manual_seed(0)
+    gate_up, down = torch.randn(e, 2 * i, d, generator=g), torch.randn(e, d, i, generator=g)
+    module = SharedCoreExperts.from_dense(gate_up, down, {"gate": r, "up": r, "down": r}, init_std=0.5,
+                                          generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    for p, w in (("gate", gate_up[:, :i]), ("up", gate_up[:, i:]), ("down", down)):
+        fresh = mean_init(w, r, 0.5, gen)  # the module drew gate, up, down in this order from one generator
+        for name, tensor in module.factors(p).items():
+            assert torch.equal(tensor, fresh[name]), (p, name)
+        torch.testing.assert_close(module.reconstruct(p), reconstruct(**fresh))
+    res = fit_projection(down, r, FitConfig(steps=0, init_std=0.5), seed=5)
+    start = mean_init(down, r, 0.5, torch.Generator().manual_seed(5))
+    assert all(torch.equal(res.factors[name], start[name]) for name in start)
+
+
 def test_adam_refinement_lowers_the_error_and_both_inits_approach_the_svd_bound():
     w = synthetic_experts()
-    spec = fit_projection(w, 6, FitConfig(steps=150, lr=1e-2))
+    mean = fit_projection(w, 6, FitConfig(steps=150, lr=1e-2))
     svd = fit_projection(w, 6, FitConfig(init="svd", steps=150, lr=1e-3))
     bound = eckart_young_error(w, w.mean(0), 12)
-    assert spec.rel_error < spec.init_rel_error
-    assert svd.init_rel_error < spec.init_rel_error  # the closed-form start is better than the mean
+    assert mean.rel_error < mean.init_rel_error
+    assert svd.init_rel_error < mean.init_rel_error  # the closed-form start is better than the mean
     assert svd.init_rel_error < 1.15 * bound  # and close to the best rank-2r correction of the same core
     assert svd.rel_error <= svd.init_rel_error
-    assert [h[0] for h in spec.history][:3] == [0, 50, 100]
+    assert [h[0] for h in mean.history][:3] == [0, 50, 100]
     err = relative_error(w, reconstruct(**svd.factors))
     assert err == pytest.approx(svd.rel_error, rel=1e-5)
 
@@ -82,6 +104,12 @@ def test_tolerance_stops_early_and_bad_settings_are_rejected():
         fit_projection(w, 49, FitConfig())
     with pytest.raises(ValueError, match="init"):
         FitConfig(init="pca")
+    with pytest.raises(CompressError, match="exactly one of rank and target_ratio"):
+        CompressConfig(model="m", output="o")
+    with pytest.raises(CompressError, match="lr must be > 0"):
+        CompressConfig(model="m", output="o", rank=2, lr=0)
+    with pytest.raises(CompressError, match="save_dtype must be one of"):
+        CompressConfig(model="m", output="o", rank=2, save_dtype="int8")
 
 
 @pytest.fixture
@@ -108,6 +136,26 @@ def read_all(path: Path) -> dict:
         with safe_open(path / name, framework="pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     return tensors
+
+
+def test_launcher_reports_bad_input_in_one_line_with_exit_code_2(tmp_path):
+    missing = tmp_path / "missing"
+    out = run_compress("--model", missing, "--output", tmp_path / "o", "--rank", 2, check=False)
+    assert out.returncode == 2
+    assert out.stderr == f"compress: error: model '{missing}' is not a directory (and not a Hub id of the form " \
+                         "org/name)\n"
+    out = run_compress("--model", missing, "--output", tmp_path / "o", "--rank", 2, "--target-ratio", 0.3,
+                       check=False)
+    assert out.returncode == 2
+    assert out.stderr == "compress: error: give exactly one of rank and target_ratio (got rank=2, " \
+                         "target_ratio=0.3)\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_launcher_help_shows_the_config_field_comments():
+    out = run_compress("--help")
+    assert "--target-ratio" in out.stdout and "{mean,svd}" in out.stdout
+    assert "pick the largest r whose expert-parameter ratio is <=" in " ".join(out.stdout.split())
 
 
 def test_high_rank_svd_fit_reproduces_the_teachers_logits(teacher_dir, tmp_path):
