@@ -1,4 +1,4 @@
-"""Zero-shot fit: relative error against steps and seconds for the spec and svd inits, beside the SVD bound.
+"""Zero-shot fit: relative error against steps and seconds for the mean and svd starts, beside the SVD bound.
 
     .venv/bin/python bench/fit.py                                   # Qwen3-30B-A3B gate shape 768×2048, E=16
     .venv/bin/python bench/fit.py --steps 200 --rank 32             # quicker on a 2-core CPU
@@ -66,16 +66,16 @@ def main():
     print(f"# experts: {source}, E={e}, {d_out}×{d_in}, rank {args.rank}, Adam lr {args.lr}, device {device}, "
           f"threads {torch.get_num_threads()}; every expert = mean: rel. error {mean_err:.4f}")
     results = {}
-    for init in ("spec", "svd"):
+    for init in ("mean", "svd"):
         t0 = time.perf_counter()
         res = fit_projection(w, args.rank, FitConfig(init=init, steps=args.steps, lr=args.lr, check_every=every))
         results[init] = res
         print(f"# {init}: {res.steps} steps in {time.perf_counter() - t0:.1f} s "
               f"({res.seconds / max(res.steps, 1) * 1e3:.1f} ms/step incl. init)")
     bound_mean = eckart_young_error(w, w.mean(0), 2 * args.rank)
-    print("| step | spec: rel. error | svd: rel. error |")
+    print("| step | mean: rel. error | svd: rel. error |")
     print("|---|---|---|")
-    for (step, a), (_, b) in zip(results["spec"].history, results["svd"].history):
+    for (step, a), (_, b) in zip(results["mean"].history, results["svd"].history):
         print(f"| {step} | {a:.4f} | {b:.4f} |")
     for init, res in results.items():
         bound = eckart_young_error(w, res.factors["core"], 2 * args.rank)

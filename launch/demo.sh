@@ -34,8 +34,8 @@ timed compress deepspeed --include localhost:0,1 --master_port "$(port)" launch/
     --model "$TOY/teacher" --output "$RUN/compressed" --target-ratio 0.28 --init svd --steps 300 --lr 1e-4
 
 #    (for comparison only: the same ratio from the specified start, C = mean, U = 0, V ~ N(0, 1), 1000 steps)
-timed compress_spec deepspeed --include localhost:0,1 --master_port "$(port)" launch/compress.py \
-    --model "$TOY/teacher" --output "$RUN/compressed_spec" --target-ratio 0.28 --init spec --steps 1000 --lr 1e-3
+timed compress_mean deepspeed --include localhost:0,1 --master_port "$(port)" launch/compress.py \
+    --model "$TOY/teacher" --output "$RUN/compressed_mean" --target-ratio 0.28 --init mean --steps 1000 --lr 1e-3
 
 # 2. the teacher's top-k logits over the training text, one shard per rank
 timed cache bash launch/cache_teacher.sh --teacher "$TOY/teacher" --data "$TOY/data/train.jsonl" \

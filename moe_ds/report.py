@@ -70,12 +70,12 @@ def build_report(run_dir: str | Path, teacher_dir: str | Path, heldout_jsonl: st
                             "lm_eval": _eval_metrics(results_dir(ckpt))})
         logger.info("checkpoint %d: held-out ppl %.2f", checkpoints[-1]["step"], checkpoints[-1]["ppl"])
     # Optional comparison: the same ratio fitted from the user's specified start (C = mean, U = 0, V ~ N(0, 1)).
-    spec_dir = run_dir / "compressed_spec"
-    spec = None
-    if (spec_dir / "config.json").is_file():
-        spec_stats = yaml.safe_load((spec_dir / STATISTICS_FILE).read_text())
-        spec = {"dir": str(spec_dir), "ppl": token_perplexity(spec_dir, windows), "ranks": spec_stats["ranks"],
-                "mean_reconstruction_error": _mean_error(spec_stats)}
+    mean_dir = run_dir / "compressed_mean"
+    mean = None
+    if (mean_dir / "config.json").is_file():
+        mean_stats = yaml.safe_load((mean_dir / STATISTICS_FILE).read_text())
+        mean = {"dir": str(mean_dir), "ppl": token_perplexity(mean_dir, windows), "ranks": mean_stats["ranks"],
+                "mean_reconstruction_error": _mean_error(mean_stats)}
     stats = yaml.safe_load((compressed / STATISTICS_FILE).read_text())
     teacher_record = json.loads((teacher_dir / "teacher.json").read_text()) if (teacher_dir / "teacher.json").is_file() else {}
     final = checkpoints[-1] if checkpoints else None
@@ -89,7 +89,7 @@ def build_report(run_dir: str | Path, teacher_dir: str | Path, heldout_jsonl: st
                     "builder": {k: teacher_record.get(k) for k in ("heldout_ppl", "params", "steps", "seconds")}},
         "zero_shot": {"dir": str(compressed), "ppl": zero_shot_ppl, "lm_eval": _eval_metrics(results_dir(compressed)),
                       "ranks": stats["ranks"], "mean_reconstruction_error": _mean_error(stats)},
-        "zero_shot_spec_init": spec,
+        "zero_shot_mean_init": mean,
         "distilled": {"ppl": final["ppl"] if final else None, "step": final["step"] if final else None,
                       "gap_closed": closed, "checkpoints": checkpoints},
         "expert_param_ratio": stats["expert_params"]["ratio"],
@@ -121,9 +121,9 @@ def report_markdown(r: dict) -> str:
              "| model | step | held-out ppl | " + " | ".join(_extra_columns(r)) + " |",
              "|---|---|---|" + "---|" * len(_extra_columns(r))]
     rows = [("teacher", None, r["teacher"]["ppl"], r["teacher"]["lm_eval"])]
-    if r.get("zero_shot_spec_init"):
-        rows.append((f"zero-shot, spec init (r = {r['zero_shot_spec_init']['ranks']['gate']}, not distilled)", None,
-                     r["zero_shot_spec_init"]["ppl"], {}))
+    if r.get("zero_shot_mean_init"):
+        rows.append((f"zero-shot, mean init (r = {r['zero_shot_mean_init']['ranks']['gate']}, not distilled)", None,
+                     r["zero_shot_mean_init"]["ppl"], {}))
     rows.append((f"zero-shot, svd init (r = {r['zero_shot']['ranks']['gate']})", 0, r["zero_shot"]["ppl"],
                  r["zero_shot"]["lm_eval"]))
     rows += [("distilled", c["step"], c["ppl"], c["lm_eval"]) for c in r["distilled"]["checkpoints"]]
@@ -135,8 +135,8 @@ def report_markdown(r: dict) -> str:
     lines += ["", f"Gap closed by distillation: {_fmt(None if closed is None else 100 * closed, '.0f')} % of the "
               f"zero-shot − teacher perplexity gap (target ≥ 50 %: {verdict}).",
               f"Mean relative reconstruction error of the zero-shot fit: svd init "
-              f"{_fmt(r['zero_shot']['mean_reconstruction_error'], '.3f')}, spec init "
-              f"{_fmt((r.get('zero_shot_spec_init') or {}).get('mean_reconstruction_error'), '.3f')}.",
+              f"{_fmt(r['zero_shot']['mean_reconstruction_error'], '.3f')}, mean init "
+              f"{_fmt((r.get('zero_shot_mean_init') or {}).get('mean_reconstruction_error'), '.3f')}.",
               "", "| | original | compressed | ratio |", "|---|---|---|---|"]
     for key, label in (("expert_params", "expert parameters"), ("total_params", "total parameters"),
                        ("active_params_per_token", "active parameters per token"),
