@@ -17,6 +17,7 @@ from moe_ds.checkpoint import CheckpointError
 from moe_ds.cli import parse_config, run
 from moe_ds.compress import CompressConfig, CompressError, compress
 from moe_ds.dist import setup_logging
+from moe_ds.run_layout import OutputError
 
 
 def main(argv=None) -> None:
@@ -26,4 +27,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run("compress", main, errors=(CompressError, CheckpointError, UnsupportedModelError)))
+    sys.exit(run("compress", main, errors=(CompressError, CheckpointError, UnsupportedModelError, OutputError)))

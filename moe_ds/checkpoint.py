@@ -6,13 +6,14 @@ verbatim copies of arch.py, shared_core.py and modeling_shared_core.py (so ``tru
 without moe-ds), compression_statistics.yaml (``moe_ds.stats``) and the tokenizer files.
 """
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from . import arch as arch_module
@@ -192,6 +193,22 @@ def is_compressed_checkpoint(path: str | Path) -> bool:
     return cfg.is_file() and "shared_core" in json.loads(cfg.read_text())
 
 
+@contextlib.contextmanager
+def open_safetensors(file: Path):
+    """``safe_open(file)``, with an unreadable file (truncated, corrupted header) raised as a CheckpointError.
+
+    Raises:
+        CheckpointError: the file's header cannot be parsed, or it does not cover the file (truncated).
+    """
+    try:
+        f = safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({err}); it may be truncated or "
+                              f"corrupted: re-download or re-save it") from err
+    with f:
+        yield f
+
+
 def read_weight_map(path: str | Path) -> dict[str, str]:
     """{tensor name: safetensors file name} of a model directory, from its index or its single file's header.
 
@@ -201,9 +218,12 @@ def read_weight_map(path: str | Path) -> dict[str, str]:
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index} is not a safetensors index ({type(err).__name__}: {err})") from err
     elif (path / "model.safetensors").is_file():
-        with safe_open(path / "model.safetensors", framework="pt") as f:
+        with open_safetensors(path / "model.safetensors") as f:
             weight_map = {key: "model.safetensors" for key in f.keys()}
     else:
         raise CheckpointError(f"{path} holds no model.safetensors or model.safetensors.index.json")
@@ -220,9 +240,13 @@ def read_tensors(path: str | Path, weight_map: dict[str, str], keys) -> dict[str
         by_file.setdefault(weight_map[key], []).append(key)
     tensors = {}
     for name, file_keys in by_file.items():
-        with safe_open(Path(path) / name, framework="pt") as f:
-            for key in file_keys:
-                tensors[key] = f.get_tensor(key)
+        with open_safetensors(Path(path) / name) as f:
+            try:
+                for key in file_keys:
+                    tensors[key] = f.get_tensor(key)
+            except SafetensorError as err:
+                raise CheckpointError(f"{Path(path) / name}: cannot read tensor {key!r} ({err}); the file may be "
+                                      f"corrupted") from err
     return tensors
 
 
@@ -236,7 +260,7 @@ def read_weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     weight_map = read_weight_map(path)
     shapes = {}
     for name in sorted(set(weight_map.values())):
-        with safe_open(path / name, framework="pt") as f:
+        with open_safetensors(path / name) as f:
             for key in f.keys():
                 shapes[key] = tuple(f.get_slice(key).get_shape())
     return shapes

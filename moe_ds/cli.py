@@ -7,9 +7,12 @@ Precedence: dataclass defaults < ``--config FILE`` (JSON/YAML) < flags given on 
 
 import argparse
 import dataclasses
+import errno
 import inspect
 import io
 import json
+import os
+import re
 import sys
 import textwrap
 import tokenize
@@ -161,11 +164,39 @@ def parse_config(cls, argv=None, description: str | None = None, exclude: tuple[
 def run(prog: str, main, errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run a launcher's ``main()``; the stage's known errors become ``PROG: error: MESSAGE`` and exit code 2.
 
-    Anything else is a bug and keeps its traceback.
+    A full disk (or a file-size limit) is reported the same way: every stage resumes, so the message says to
+    free space and rerun. Ctrl-C exits 130 with one line. Anything else is a bug and keeps its traceback.
     """
     try:
         main()
     except (ConfigError, *errors) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        code = _errno_of(e)
+        if code not in _DISK_FULL:
+            raise
+        where = getattr(e, "filename", None) or "the output"
+        print(f"{prog}: error: {os.strerror(code)} writing {where}; free space and rerun the same command to "
+              f"resume", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_ERRNO_TEXT = re.compile(r"(?:os error|errno =|Errno) ?(\d+)")  # safetensors (Rust) and HDF5 wrap the errno in text
+
+
+def _errno_of(error: BaseException) -> int | None:
+    """The errno behind an exception: OSError.errno, else one named in its message (or its causes')."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error.errno
+        m = _ERRNO_TEXT.search(str(error))
+        if m:
+            return int(m.group(1))
+        error = error.__cause__ or error.__context__
+    return None

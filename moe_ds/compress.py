@@ -31,13 +31,14 @@ from .checkpoint import (STATISTICS_FILE, finish_checkpoint, read_tensors, read_
                          validate_compressed_checkpoint)
 from .dist import barrier, device_for, init_distributed, log_main
 from .fit import FitConfig, Init, Optimizer, eckart_young_error, fit_projection
-from .run_layout import atomic_file, write_atomic
+from .run_layout import atomic_file, check_output_dir, remove_stale_temporaries, write_atomic
 from .stats import expert_params
 
 logger = logging.getLogger("moe_ds")
 
 FACTORS_DIR = ".factors"
 RUN_CONFIG = "compress_config.json"
+ASSEMBLY = ".assembly-"  # rank 0 builds the model files in OUTPUT/.assembly-XXXX/ and moves them into OUTPUT
 
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
@@ -66,6 +67,7 @@ class CompressConfig:
     seed: int = 0  # seeds the mean start's V per (layer, projection), whatever the number of ranks
     save_dtype: SaveDtype = "auto"  # dtype of the stored model: auto keeps the original's
     overwrite: bool = False  # replace results of a different configuration in OUTPUT
+    allow_larger: bool = False  # accept a rank whose compressed experts hold more parameters than the original
     keep_factors: bool = False  # keep OUTPUT/.factors after assembly
     report_to: ReportTo = "none"  # wandb logs the per-layer error table (offline unless WANDB_MODE says otherwise)
 
@@ -267,7 +269,10 @@ def compress(cfg: CompressConfig) -> Path:
     model_dir = resolve_model_dir(cfg.model)
     if not (model_dir / "config.json").is_file():
         raise CompressError(f"{model_dir} has no config.json: not a model directory")
-    model_config = AutoConfig.from_pretrained(model_dir)
+    try:
+        model_config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:  # unparsable config.json, unknown model_type
+        raise CompressError(f"{model_dir / 'config.json'}: cannot read the model config ({err})") from err
     arch = get_architecture(model_config.model_type)
     reader = ExpertReader(model_dir, model_config)
     e = reader.num_experts
@@ -275,7 +280,11 @@ def compress(cfg: CompressConfig) -> Path:
     rank = cfg.rank if cfg.rank is not None else rank_for_ratio(cfg.target_ratio, e, d, i)
     if rank > min(d, i):
         raise CompressError(f"rank {rank} is too large for the layer shape (d={d}, I={i}): at most {min(d, i)}")
-    out = Path(cfg.output)
+    if expert_ratio(rank, e, d, i) > 1 and not cfg.allow_larger:
+        raise CompressError(f"rank {rank} stores {expert_ratio(rank, e, d, i):.2f}x the original expert parameters "
+                            f"(E={e}, d={d}, I={i}); pick a smaller --rank or a --target-ratio, or pass "
+                            f"--allow-larger")
+    out = check_output_dir(cfg.output)
     fingerprint = _fingerprint(cfg, model_config, rank)
     if _check_output(out, fingerprint, cfg):
         log_main("%s already holds this configuration's compressed model; nothing to do", out)
@@ -285,6 +294,9 @@ def compress(cfg: CompressConfig) -> Path:
              "with %d rank(s), init=%s, %d steps, lr %g", model_dir, arch.model_type, len(reader.layers), e, d, i,
              rank, expert_ratio(rank, e, d, i), info.world_size, cfg.init, cfg.steps, cfg.lr)
 
+    if info.is_main:  # what a killed run left behind (temporary files, an assembly folder), before anyone writes
+        for path in (remove_stale_temporaries(out / FACTORS_DIR) + remove_stale_temporaries(out, (ASSEMBLY,))):
+            logger.info("removed %s, left behind by an interrupted run", path)
     barrier()  # every rank has checked the output before any rank writes into it
     (out / FACTORS_DIR).mkdir(parents=True, exist_ok=True)
     if info.is_main:
@@ -301,19 +313,19 @@ def compress(cfg: CompressConfig) -> Path:
             logger.info("layer %d already done, skipping", layer)
         else:
             todo.append(layer)
-    bar = tqdm(total=len(todo) * 3 * cfg.steps, desc=f"[rank {info.rank}] fit", unit="step",
-               position=info.local_rank, dynamic_ncols=True, mininterval=1.0)
     stop_after = int(os.environ.get("MOE_DS_COMPRESS_STOP_AFTER", "0"))  # test hook: simulate a killed rank
-    for n, layer in enumerate(todo, 1):
-        tensors, stats = fit_layer(reader, layer, rank, cfg, device, bar)
-        meta = {"fingerprint": fingerprint, "layer": layer, "rank": rank, "stats": stats}
-        with atomic_file(_factor_path(out, layer)) as tmp:
-            save_file(tensors, tmp, metadata={"moe_ds": json.dumps(meta)})
-        logger.info("layer %d: rel. error gate %.4f up %.4f down %.4f (rank-2r SVD bound %.4f %.4f %.4f)", layer,
-                    *(stats[p]["rel_error"] for p in PROJECTIONS), *(stats[p]["eckart_young_2r"] for p in PROJECTIONS))
-        if stop_after and n >= stop_after:
-            raise SystemExit(f"MOE_DS_COMPRESS_STOP_AFTER={stop_after}: stopping after {n} layer(s)")
-    bar.close()
+    with tqdm(total=len(todo) * 3 * cfg.steps, desc=f"[rank {info.rank}] fit", unit="step",
+              position=info.local_rank, dynamic_ncols=True, mininterval=1.0) as bar:
+        for n, layer in enumerate(todo, 1):
+            tensors, stats = fit_layer(reader, layer, rank, cfg, device, bar)
+            meta = {"fingerprint": fingerprint, "layer": layer, "rank": rank, "stats": stats}
+            with atomic_file(_factor_path(out, layer)) as tmp:
+                save_file(tensors, tmp, metadata={"moe_ds": json.dumps(meta)})
+            logger.info("layer %d: rel. error gate %.4f up %.4f down %.4f (rank-2r SVD bound %.4f %.4f %.4f)", layer,
+                        *(stats[p]["rel_error"] for p in PROJECTIONS),
+                        *(stats[p]["eckart_young_2r"] for p in PROJECTIONS))
+            if stop_after and n >= stop_after:
+                raise SystemExit(f"MOE_DS_COMPRESS_STOP_AFTER={stop_after}: stopping after {n} layer(s)")
     barrier()
     if info.is_main:
         assemble(cfg, model_dir, model_config, reader, rank, fingerprint)
@@ -349,7 +361,7 @@ def assemble(cfg: CompressConfig, model_dir: Path, model_config, reader: ExpertR
     save_dtype = stored if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
     # Not run_layout.atomic_output_dir: OUTPUT also holds the resumable factors (and whatever --overwrite
     # kept), so the finished files are moved in one by one, config.json last, instead of swapping the folder.
-    with tempfile.TemporaryDirectory(prefix=".assembly-", dir=out) as tmp:
+    with tempfile.TemporaryDirectory(prefix=ASSEMBLY, dir=out) as tmp:
         tmp = Path(tmp)
         _write_shards(tmp, reader, out, save_dtype)
         config = shared_core_config(model_config, {p: rank for p in PROJECTIONS}, method=cfg.init)

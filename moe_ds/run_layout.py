@@ -107,3 +107,57 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False):
             os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class OutputError(ValueError):
+    """An output path that cannot be written (a file where a folder is needed, or no write permission)."""
+
+
+def check_output_dir(path: str | Path, what: str = "output") -> Path:
+    """Check, without creating anything, that ``path`` can become (or already is) a writable folder.
+
+    Probes the folder itself, or its nearest existing ancestor, by creating and removing a temporary file,
+    so read-only file systems and permissions are caught before any stage work starts.
+
+    Raises:
+        OutputError: ``path`` or one of its ancestors is a file, or the folder cannot be written.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot create {what} folder {path}: {existing} is a file")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".moe-ds-write-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(f"cannot write {what} folder {path}: {err.strerror} ({existing})") from err
+    return path
+
+
+_TEMPORARY = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp$")  # atomic_file's temporary names
+
+
+def remove_stale_temporaries(folder: str | Path, dir_prefixes: tuple[str, ...] = ()) -> list[Path]:
+    """Remove what a killed writer left in ``folder``: ``atomic_file`` temporaries and folders whose names start
+    with one of ``dir_prefixes``. Only call this while no other process writes into ``folder``.
+
+    Returns:
+        The removed paths.
+    """
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if entry.is_file() and _TEMPORARY.match(entry.name):
+            entry.unlink(missing_ok=True)
+        elif entry.is_dir() and entry.name.startswith(dir_prefixes):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            continue
+        removed.append(entry)
+    return removed
