@@ -1,11 +1,10 @@
 """Stage 4: evaluate checkpoints with lm-evaluation-harness and put the numbers where researchers look.
 
-One evaluation loads a checkpoint (our compressed format through ``moe_ds.checkpoint.load_model``, or a
-plain Hugging Face model), wraps it in lm-eval's ``HFLM`` and runs ``simple_evaluate`` once per task with
-fixed seeds. Results go to ``<checkpoint>/eval/results.json`` (atomic), then ``eval/EVALUATED``; the run
-directory gets ``eval_summary.csv``, ``eval_summary.md`` and ``eval_summary.png`` (each metric against
-training step, the baseline as a dashed line), and wandb gets the metrics at step = checkpoint step.
-The watchdog loop that calls this on every finished checkpoint lives in ``moe_ds.watch``.
+One evaluation loads a checkpoint (compressed or plain Hugging Face), wraps it in lm-eval's ``HFLM`` and runs
+``simple_evaluate`` once per task with fixed seeds. Results go to ``<checkpoint>/eval/results.json``, then
+``eval/EVALUATED``; the run directory gets ``eval_summary.{csv,md,png}`` and wandb the metrics at step =
+checkpoint step, all named ``{task}/{metric}`` by ``flat_metrics``. The watchdog loop that calls this on
+every finished checkpoint lives in ``moe_ds.watch``.
 """
 
 import csv
@@ -19,10 +18,11 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from moe_ds.dist import logger
-from moe_ds.run_layout import (CHECKPOINT_PREFIX, EVAL_DIR, EVAL_RESULTS, EVALUATED, checkpoint_step,
-                               write_json_atomic, write_text_atomic)
+from moe_ds.run_layout import (CHECKPOINT_PREFIX, EVAL_DIR, EVAL_RESULTS, EVALUATED, checkpoint_step, write_atomic,
+                               write_json_atomic)
 
 RESULTS_FORMAT = 1
 BASELINE_DIR = "baseline_eval"  # RUN_DIR/baseline_eval/{results.json,EVALUATED}: survives evaluator restarts
@@ -31,7 +31,19 @@ RESOLVED_CONFIG = "eval_config.json"  # the evaluator's resolved config, written
 # What the MoE expert-compression papers report: WikiText-2 perplexity and 0-shot commonsense/knowledge suites.
 DEFAULT_TASKS = ("wikitext", "arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq",
                  "openbookqa", "rte", "mmlu")
-SEEDS = dict(random_seed=0, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
+SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Order = Literal["oldest", "newest"]
+WandbMode = Literal["online", "offline", "disabled"]
+
+
+def _wandb_mode_from_env() -> str:
+    return os.environ.get("WANDB_MODE", "offline")
+
+
+class EvalError(ValueError):
+    """Bad input to the evaluation stage (the message names the setting or file)."""
 
 
 @dataclass
@@ -39,66 +51,64 @@ class EvalConfig:
     """Configuration of the evaluation stage (defaults < CLI flags; written to RUN_DIR/eval_config.json)."""
 
     watch: str | None = None  # run directory whose checkpoint-<step>/ folders are evaluated as they complete
-    checkpoint: str | None = None  # one model folder to evaluate, then exit
-    out: str | None = None  # one-shot mode: results folder (default <checkpoint>/eval)
+    checkpoint: str | None = None  # one model folder to evaluate, then exit (give this or watch)
+    out: str | None = None  # checkpoint mode: results folder (default <checkpoint>/eval)
     baseline: str | None = None  # uncompressed teacher, evaluated once per run into RUN_DIR/baseline_eval
-    tasks: tuple[str, ...] = DEFAULT_TASKS  # lm-eval task names; wikitext/arc_easy/piqa go local with data_dir
-    data_dir: str | None = None  # folder laid out as ../shared/data, for offline wikitext/arc_easy/piqa
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))  # lm-eval task names (a b or a,b)
+    data_dir: str | None = None  # offline copies of wikitext/arc_easy/piqa (layout: moe_ds.eval_tasks)
     ppl_file: str | None = None  # local .jsonl/.json/.txt file; adds the `perplexity` task
     limit: float | None = None  # lm-eval limit: documents per task (>= 1) or a fraction (< 1)
     num_fewshot: int | None = None  # None keeps each task's default (0 for all of DEFAULT_TASKS but mmlu's groups)
     batch_size: str = "8"  # an int, or "auto" (lm-eval finds the largest that fits on a GPU)
-    dtype: str = "auto"  # auto (as saved) | float32 | bfloat16 | float16
-    devices: str | None = None  # CUDA device ids, e.g. "6,7"; set by launch/evaluate.py before torch loads
-    order: str = "oldest"  # catch-up and queue order: oldest | newest step first
+    dtype: Dtype = "auto"  # model dtype; auto keeps the saved one
+    devices: str | None = None  # CUDA device ids, e.g. 6,7 (sets CUDA_VISIBLE_DEVICES before torch loads)
+    order: Order = "oldest"  # catch-up and queue order: oldest or newest step first
     polling: bool = False  # watchdog's polling observer (network filesystems lose inotify events)
     poll_interval_s: float = 2.0  # polling observer period
     debounce_s: float = 1.0  # wait this long after the last marker event before evaluating
-    rescan_s: float = 60.0  # safety-net rescan of the run directory in case an event was missed
+    rescan_s: float = 60.0  # safety-net rescan of the run directory in case an event was missed (0: never)
     once: bool = False  # evaluate baseline + every complete checkpoint, then exit (no watching)
     stop_after_step: int | None = None  # exit once a checkpoint with step >= this is evaluated
     retry_failed: bool = False  # re-evaluate checkpoints whose results record an error
-    wandb_mode: str = "offline"  # online | offline | disabled
-    wandb_project: str = "moe-compression"
+    wandb_mode: WandbMode = field(default_factory=_wandb_mode_from_env)  # wandb logging ($WANDB_MODE when set)
+    wandb_project: str = "moe-compression"  # wandb project of the evaluator's run
 
     def __post_init__(self):
+        """Raises EvalError naming the offending setting."""
         if (self.watch is None) == (self.checkpoint is None):
-            raise ValueError(f"give exactly one of watch={self.watch!r} and checkpoint={self.checkpoint!r}")
+            raise EvalError(f"give exactly one of watch={self.watch!r} and checkpoint={self.checkpoint!r}")
         if self.baseline is not None and self.watch is None:
-            raise ValueError(f"baseline={self.baseline!r} needs watch (its results live in the run directory)")
+            raise EvalError(f"baseline={self.baseline!r} needs watch (its results live in the run directory)")
         if isinstance(self.tasks, str):
-            self.tasks = tuple(t.strip() for t in self.tasks.split(",") if t.strip())
-        self.tasks = tuple(self.tasks)
+            self.tasks = [self.tasks]
+        self.tasks = [t.strip() for item in self.tasks for t in item.split(",") if t.strip()]
         if self.ppl_file is not None and "perplexity" not in self.tasks:
-            self.tasks = self.tasks + ("perplexity",)
+            self.tasks.append("perplexity")
         if not self.tasks:
-            raise ValueError("tasks is empty")
+            raise EvalError("tasks is empty")
         if "perplexity" in self.tasks and self.ppl_file is None:
-            raise ValueError("task 'perplexity' needs ppl_file")
+            raise EvalError("task 'perplexity' needs ppl_file")
         # A watched run directory may not exist yet: the evaluator is started before training (see watch.py).
         for name, path in (("checkpoint", self.checkpoint), ("baseline", self.baseline),
                            ("data_dir", self.data_dir), ("ppl_file", self.ppl_file)):
             if path is not None and not Path(path).exists():
-                raise ValueError(f"{name}={path!r} does not exist")
+                raise EvalError(f"{name}={path!r} does not exist")
         if self.limit is not None and not (self.limit > 0):
-            raise ValueError(f"limit must be > 0, got {self.limit}")
+            raise EvalError(f"limit must be > 0, got {self.limit}")
         if self.limit is not None and self.limit >= 1:
             if self.limit != int(self.limit):
-                raise ValueError(f"limit >= 1 must be a whole number of documents, got {self.limit}")
+                raise EvalError(f"limit >= 1 must be a whole number of documents, got {self.limit}")
             self.limit = int(self.limit)
         if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise ValueError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
+            raise EvalError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
         if self.batch_size != "auto" and not (str(self.batch_size).isdigit() and int(self.batch_size) > 0):
-            raise ValueError(f"batch_size must be a positive int or 'auto', got {self.batch_size!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto/float32/bfloat16/float16, got {self.dtype!r}")
-        if self.order not in ("oldest", "newest"):
-            raise ValueError(f"order must be 'oldest' or 'newest', got {self.order!r}")
+            raise EvalError(f"batch_size must be a positive int or 'auto', got {self.batch_size!r}")
+        for name, kind in (("dtype", Dtype), ("order", Order), ("wandb_mode", WandbMode)):
+            if getattr(self, name) not in get_args(kind):
+                raise EvalError(f"{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
         for name in ("poll_interval_s", "debounce_s", "rescan_s"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.wandb_mode not in ("online", "offline", "disabled"):
-            raise ValueError(f"wandb_mode must be online/offline/disabled, got {self.wandb_mode!r}")
+                raise EvalError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -122,15 +132,27 @@ def is_evaluated(out_dir: str | Path) -> bool:
     return (Path(out_dir) / EVALUATED).is_file()
 
 
+def flat_metrics(record: dict | None, stderr: bool = False) -> dict[str, float]:
+    """A results record's metrics as ``{"task/metric": value}``, in task then metric order.
+
+    Args:
+        record: a ``results.json`` record (``tasks[name]["metrics"]``); None gives ``{}``.
+        stderr: keep the ``*_stderr`` entries too.
+    """
+    if record is None:
+        return {}
+    return {f"{task}/{metric}": value for task, entry in record.get("tasks", {}).items()
+            for metric, value in entry.get("metrics", {}).items() if stderr or "_stderr" not in metric}
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 
 
 def load_for_eval(path: str | Path, dtype: str = "auto"):
     """Load a model and its tokenizer for evaluation and place it on the visible GPUs (or keep it on CPU).
 
-    Uses ``moe_ds.checkpoint.load_model`` (compressed shared-core checkpoints and plain HF models) when that
-    module exists, else ``AutoModelForCausalLM.from_pretrained``. With several visible GPUs the model is
-    split across them with accelerate's balanced device map.
+    Uses ``moe_ds.checkpoint.load_model`` (compressed shared-core checkpoints and plain HF models). With
+    several visible GPUs the model is split across them with accelerate's balanced device map.
 
     Args:
         path: model folder (config.json, weights, tokenizer files).
@@ -142,15 +164,9 @@ def load_for_eval(path: str | Path, dtype: str = "auto"):
     import torch
     import transformers as T
 
-    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
-    try:
-        from moe_ds.checkpoint import load_model
-    except ImportError:  # the compressed-checkpoint loader is optional for plain HF models
-        load_model = None
-    if load_model is not None:
-        model = load_model(path, dtype=torch_dtype)
-    else:
-        model = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype if torch_dtype is not None else "auto")
+    from moe_ds.checkpoint import load_model
+
+    model = load_model(path, dtype=None if dtype == "auto" else getattr(torch, dtype))
     tokenizer = T.AutoTokenizer.from_pretrained(path)
     n_gpu = torch.cuda.device_count()
     if n_gpu == 1:
@@ -181,24 +197,34 @@ def _clean_metrics(entry: dict) -> dict:
 
 
 class TaskResolver:
-    """Maps user-facing task names to lm-eval names, rendering the local YAMLs once into a temp folder."""
+    """Maps user-facing task names to lm-eval names, rendering the local YAMLs once into a temp folder.
 
-    def __init__(self, tasks: tuple[str, ...], data_dir: str | None = None, ppl_file: str | None = None):
+    Raises:
+        EvalError: an unknown task, or a local task whose data file is missing.
+    """
+
+    def __init__(self, tasks: list[str] | tuple[str, ...], data_dir: str | None = None,
+                 ppl_file: str | None = None):
         from lm_eval.tasks import TaskManager
 
         from moe_ds.eval_tasks import render_local_tasks
 
         self._tmp = tempfile.TemporaryDirectory(prefix="moe_ds_eval_tasks_")
         self.include_path = self._tmp.name
-        self.local = render_local_tasks(self.include_path, data_dir=data_dir, text_file=ppl_file)
+        try:
+            self.local = render_local_tasks(self.include_path, data_dir=data_dir, text_file=ppl_file)
+        except (FileNotFoundError, ValueError) as e:  # a data file missing, a text file of an unknown kind
+            self.close()
+            raise EvalError(str(e)) from e
         self.names = {t: self.local.get(t, t) for t in tasks}
         # Indexing lm-eval's ~10k built-in YAMLs takes ~15 s on a small CPU: skip it when all tasks are local.
         builtin = any(t not in self.local for t in tasks)
         self.task_manager = TaskManager(include_path=self.include_path, include_defaults=builtin)
         unknown = [t for t, name in self.names.items() if name not in self.task_manager.all_tasks]
         if unknown:
-            raise ValueError(f"unknown lm-eval task(s) {unknown}; wikitext/arc_easy/piqa work offline with "
-                             f"--data-dir, perplexity with --ppl-file")
+            self.close()
+            raise EvalError(f"unknown lm-eval task(s) {unknown}; wikitext/arc_easy/piqa work offline with "
+                            f"--data-dir, perplexity with --ppl-file")
 
     def close(self) -> None:
         """Remove the rendered YAML folder."""
@@ -248,7 +274,7 @@ def evaluate_model(model_path: str | Path, resolver: TaskResolver, *, limit: flo
         record["device"] = str(model.device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer,
                   batch_size=batch_size if batch_size == "auto" else int(batch_size))
-    except Exception as e:  # a broken checkpoint is recorded, the caller's loop goes on
+    except Exception as e:  # noqa: BLE001 - a broken checkpoint is recorded, the caller's loop goes on
         logger.error("could not load %s: %s", model_path, e)
         record.update(status="error", error=f"load failed: {traceback.format_exc(limit=-4)}")
         record["wall_time_s"] = round(time.time() - start, 3)
@@ -266,7 +292,7 @@ def evaluate_model(model_path: str | Path, resolver: TaskResolver, *, limit: flo
             subtasks = {k: _clean_metrics(v) for k, v in out["results"].items() if k != task_name}
             if subtasks:  # groups such as mmlu: the group row is the headline, subtasks kept for reference
                 entry["subtasks"] = subtasks
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - one failing task must not lose the others
             logger.error("task %s failed on %s: %s", user_name, model_path, e)
             entry = {"lm_eval_task": task_name, "metrics": {}, "error": traceback.format_exc(limit=-4)}
         record["tasks"][user_name] = entry
@@ -298,7 +324,7 @@ def evaluate_into(model_path: str | Path, out_dir: str | Path, resolver: TaskRes
     record = evaluate_model(model_path, resolver, **kwargs)
     out_dir.mkdir(exist_ok=True)
     write_json_atomic(out_dir / EVAL_RESULTS, record)
-    write_text_atomic(out_dir / EVALUATED, f"{record['status']} {record['started_at']}\n")
+    write_atomic(out_dir / EVALUATED, f"{record['status']} {record['started_at']}\n")
     return record
 
 
@@ -356,9 +382,7 @@ def collect_summary(run_dir: str | Path) -> list[SummaryRow]:
         record = read_results(out_dir)
         if record is None:
             continue
-        metrics = {f"{task}/{m}": v for task, entry in record.get("tasks", {}).items()
-                   for m, v in entry.get("metrics", {}).items() if "_stderr" not in m}
-        rows.append(SummaryRow(name, step, record.get("status", "?"), metrics))
+        rows.append(SummaryRow(name, step, record.get("status", "?"), flat_metrics(record)))
     return rows
 
 
@@ -418,9 +442,7 @@ def _plot_png(rows: list[SummaryRow], path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    write_atomic(path, buf.getvalue())
 
 
 def write_summary(run_dir: str | Path) -> list[SummaryRow]:
@@ -437,8 +459,8 @@ def write_summary(run_dir: str | Path) -> list[SummaryRow]:
     writer.writerow(["model", "step", "status"] + cols)
     for r in rows:
         writer.writerow([r.name, "" if r.step is None else r.step, r.status] + [r.metrics.get(c, "") for c in cols])
-    write_text_atomic(run_dir / SUMMARY_CSV, buf.getvalue())
-    write_text_atomic(run_dir / SUMMARY_MD, summary_markdown(rows))
+    write_atomic(run_dir / SUMMARY_CSV, buf.getvalue())
+    write_atomic(run_dir / SUMMARY_MD, summary_markdown(rows))
     _plot_png(rows, run_dir / SUMMARY_PNG)
     return rows
 
@@ -469,7 +491,7 @@ class WandbLog:
         """Log one results record (a baseline record, step None, goes to the summary as ``baseline/...``)."""
         if self.run is None:
             return
-        metrics = {f"{t}/{m}": v for t, e in record["tasks"].items() for m, v in e.get("metrics", {}).items()}
+        metrics = flat_metrics(record, stderr=True)
         if record.get("role") == "baseline" or record.get("step") is None:
             self.run.summary.update({f"baseline/{k}": v for k, v in metrics.items()})
         else:

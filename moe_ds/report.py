@@ -9,16 +9,43 @@ PIQA where a data directory was given) are added beside it from each model's ``e
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
 from .checkpoint import STATISTICS_FILE, load_model
-from .evaluate import BASELINE_DIR, read_results, results_dir
-from .run_layout import complete_checkpoints, checkpoint_step
+from .evaluate import BASELINE_DIR, flat_metrics, read_results, results_dir
+from .run_layout import checkpoint_step, complete_checkpoints
+from .toy_teacher import RECORD as TEACHER_RECORD
+from .toy_teacher import heldout_perplexity
 
 logger = logging.getLogger("moe_ds")
+
+
+class ReportError(ValueError):
+    """A report input is missing (the message names it)."""
+
+
+@dataclass
+class ReportConfig:
+    run: str  # demo run directory: compressed/, distill/, stage_seconds.tsv (from launch/demo.sh)
+    teacher: str  # the uncompressed teacher directory
+    heldout: str  # held-out JSONL, one {"text": ...} per line
+    seq_len: int = 256  # tokens per held-out window
+    max_windows: int = 128  # held-out windows scored per model
+
+    def __post_init__(self):
+        """Raises ReportError naming the missing input or bad value."""
+        for name, path in (("run", self.run), ("teacher", self.teacher), ("heldout", self.heldout),
+                           ("run/compressed", Path(self.run) / "compressed")):
+            if not Path(path).exists():
+                raise ReportError(f"{name} {str(path)!r} does not exist")
+        if self.seq_len < 2:
+            raise ReportError(f"seq_len must be >= 2 (one token predicted from another), got {self.seq_len}")
+        if self.max_windows < 1:
+            raise ReportError(f"max_windows must be >= 1, got {self.max_windows}")
 
 
 def heldout_windows(heldout_jsonl: str | Path, tokenizer, seq_len: int, max_windows: int) -> torch.Tensor:
@@ -33,32 +60,28 @@ def heldout_windows(heldout_jsonl: str | Path, tokenizer, seq_len: int, max_wind
 
 def token_perplexity(model_dir: str | Path, windows: torch.Tensor) -> float:
     """Token-level held-out perplexity of a model folder (compressed or plain) on the given windows."""
-    from .toy_teacher import heldout_perplexity
-
     model = load_model(model_dir)
     with torch.no_grad():
         return heldout_perplexity(model, windows, batch_size=16)
 
 
 def _eval_metrics(out_dir: Path) -> dict:
-    record = read_results(out_dir) or {}
-    return {f"{task}/{m}": v for task, entry in record.get("tasks", {}).items()
-            for m, v in entry.get("metrics", {}).items() if "_stderr" not in m}
+    return flat_metrics(read_results(out_dir))
 
 
-def build_report(run_dir: str | Path, teacher_dir: str | Path, heldout_jsonl: str | Path, seq_len: int = 256,
-                 max_windows: int = 128) -> dict:
-    """Collect the demo run's numbers and write report.{json,md,png} into ``run_dir``.
+def build_report(cfg: ReportConfig) -> dict:
+    """Collect the demo run's numbers and write report.{json,md,png} into ``cfg.run``.
 
-    Expects ``run_dir/compressed`` (stage 1), ``run_dir/distill/checkpoint-*`` (stage 3, evaluated by stage 4)
-    and ``run_dir/stage_seconds.tsv`` (written by launch/demo.sh).
+    Expects ``run/compressed`` (stage 1), ``run/distill/checkpoint-*`` (stage 3, evaluated by stage 4)
+    and ``run/stage_seconds.tsv`` (written by launch/demo.sh).
 
     Returns:
         The report dict (as written to report.json).
     """
     from transformers import AutoTokenizer
 
-    run_dir, teacher_dir = Path(run_dir), Path(teacher_dir)
+    run_dir, teacher_dir, heldout_jsonl = Path(cfg.run), Path(cfg.teacher), cfg.heldout
+    seq_len, max_windows = cfg.seq_len, cfg.max_windows
     compressed, distill = run_dir / "compressed", run_dir / "distill"
     windows = heldout_windows(heldout_jsonl, AutoTokenizer.from_pretrained(teacher_dir), seq_len, max_windows)
     logger.info("held-out perplexity on %d windows × %d tokens", *windows.shape)
@@ -77,7 +100,8 @@ def build_report(run_dir: str | Path, teacher_dir: str | Path, heldout_jsonl: st
         mean = {"dir": str(mean_dir), "ppl": token_perplexity(mean_dir, windows), "ranks": mean_stats["ranks"],
                 "mean_reconstruction_error": _mean_error(mean_stats)}
     stats = yaml.safe_load((compressed / STATISTICS_FILE).read_text())
-    teacher_record = json.loads((teacher_dir / "teacher.json").read_text()) if (teacher_dir / "teacher.json").is_file() else {}
+    record_file = teacher_dir / TEACHER_RECORD
+    teacher_record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     final = checkpoints[-1] if checkpoints else None
     gap = zero_shot_ppl - teacher_ppl
     closed = (zero_shot_ppl - final["ppl"]) / gap if final and gap > 0 else None
@@ -95,8 +119,8 @@ def build_report(run_dir: str | Path, teacher_dir: str | Path, heldout_jsonl: st
         "expert_param_ratio": stats["expert_params"]["ratio"],
         "params": {k: stats[k] for k in ("expert_params", "total_params", "active_params_per_token",
                                          "expert_macs_per_token")},
-        "stage_seconds": {name: float(sec) for name, sec in (line.split() for line in seconds_file.read_text().splitlines())}
-        if seconds_file.is_file() else {},
+        "stage_seconds": ({name: float(sec) for name, sec in map(str.split, seconds_file.read_text().splitlines())}
+                          if seconds_file.is_file() else {}),
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     (run_dir / "report.md").write_text(report_markdown(report))
@@ -116,8 +140,8 @@ def _fmt(v, spec=".2f") -> str:
 def report_markdown(r: dict) -> str:
     """The report as Markdown: perplexities, lm-eval extras, parameters and MACs, stage times."""
     lines = ["# moe-ds demo report", "",
-             f"Held-out perplexity: token-level on {r['heldout']['windows']} windows × {r['heldout']['seq_len']} "
-             f"tokens of stdlib modules the teacher never saw ({r['heldout']['file']}).", "",
+             (f"Held-out perplexity: token-level on {r['heldout']['windows']} windows × {r['heldout']['seq_len']} "
+              f"tokens of stdlib modules the teacher never saw ({r['heldout']['file']})."), "",
              "| model | step | held-out ppl | " + " | ".join(_extra_columns(r)) + " |",
              "|---|---|---|" + "---|" * len(_extra_columns(r))]
     rows = [("teacher", None, r["teacher"]["ppl"], r["teacher"]["lm_eval"])]
@@ -132,11 +156,11 @@ def report_markdown(r: dict) -> str:
         lines.append(f"| {name} | {'' if step is None else step} | {ppl:.2f} | {cells} |")
     closed = r["distilled"]["gap_closed"]
     verdict = ("met" if closed is not None and closed >= 0.5 else "NOT met")
-    lines += ["", f"Gap closed by distillation: {_fmt(None if closed is None else 100 * closed, '.0f')} % of the "
-              f"zero-shot − teacher perplexity gap (target ≥ 50 %: {verdict}).",
-              f"Mean relative reconstruction error of the zero-shot fit: svd init "
-              f"{_fmt(r['zero_shot']['mean_reconstruction_error'], '.3f')}, mean init "
-              f"{_fmt((r.get('zero_shot_mean_init') or {}).get('mean_reconstruction_error'), '.3f')}.",
+    lines += ["", (f"Gap closed by distillation: {_fmt(None if closed is None else 100 * closed, '.0f')} % of the "
+                   f"zero-shot − teacher perplexity gap (target ≥ 50 %: {verdict})."),
+              (f"Mean relative reconstruction error of the zero-shot fit: svd init "
+               f"{_fmt(r['zero_shot']['mean_reconstruction_error'], '.3f')}, mean init "
+               f"{_fmt((r.get('zero_shot_mean_init') or {}).get('mean_reconstruction_error'), '.3f')}."),
               "", "| | original | compressed | ratio |", "|---|---|---|---|"]
     for key, label in (("expert_params", "expert parameters"), ("total_params", "total parameters"),
                        ("active_params_per_token", "active parameters per token"),
@@ -150,7 +174,8 @@ def report_markdown(r: dict) -> str:
 
 def _extra_columns(r: dict) -> list[str]:
     cols = []
-    for src in [r["teacher"]["lm_eval"], r["zero_shot"]["lm_eval"]] + [c["lm_eval"] for c in r["distilled"]["checkpoints"]]:
+    checkpoints = [c["lm_eval"] for c in r["distilled"]["checkpoints"]]
+    for src in [r["teacher"]["lm_eval"], r["zero_shot"]["lm_eval"], *checkpoints]:
         cols += [c for c in src if c not in cols]
     return cols
 

@@ -1,4 +1,4 @@
-"""The watchdog-driven evaluator: evaluate every checkpoint of a run as soon as its completion marker lands.
+"""The checkpoint watcher: evaluate every checkpoint of a run as soon as its completion marker lands.
 
 Order of work: the baseline once per run (``RUN_DIR/baseline_eval``, kept across restarts), then every
 complete checkpoint not yet evaluated (catch-up), then checkpoints announced by watchdog events on their
@@ -20,7 +20,7 @@ from watchdog.observers.polling import PollingObserver
 
 from moe_ds.dist import logger
 from moe_ds.evaluate import (BASELINE_DIR, RESOLVED_CONFIG, EvalConfig, TaskResolver, WandbLog, evaluate_into,
-                             is_evaluated, read_results, results_dir, write_summary)
+                             flat_metrics, is_evaluated, read_results, results_dir, write_summary)
 from moe_ds.run_layout import (CHECKPOINT_COMPLETE, checkpoint_step, complete_checkpoints, is_complete_checkpoint,
                                write_json_atomic)
 
@@ -52,7 +52,7 @@ class MarkerHandler(FileSystemEventHandler):
             self.notify(ckpt)
 
 
-class Evaluator:
+class CheckpointWatcher:
     """Runs the baseline, catch-up and watch phases for one run directory (``cfg.watch``).
 
     Args:
@@ -134,8 +134,7 @@ class Evaluator:
             except FileNotFoundError:
                 logger.info("%s: deleted during evaluation, results dropped", name)
                 return False
-            headline = {f"{t}/{m}": round(v, 4) for t, e in record["tasks"].items()
-                        for m, v in e.get("metrics", {}).items() if "_stderr" not in m}
+            headline = {k: round(v, 4) for k, v in flat_metrics(record).items()}
             logger.info("%s: %s in %.1f s %s%s", name, record["status"], record["wall_time_s"], headline,
                         f" error: {record['error']}" if record["error"] else "")
             self.evaluated.append(name)

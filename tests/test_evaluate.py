@@ -1,7 +1,7 @@
 """Stage 4 evaluator: local lm-eval tasks, results files, summary, the watchdog loop, locks and signals.
 
 Most tests score a tiny model on a small local JSONL (the ``perplexity`` task, which needs no built-in
-task index); the WikiText tests read ../shared/data and skip when it is absent.
+task index); the WikiText tests read the shared evaluation data (``conftest.SHARED_DATA``) and skip without it.
 """
 
 import json
@@ -22,10 +22,10 @@ from watchdog.events import DirCreatedEvent, FileCreatedEvent, FileMovedEvent
 
 from conftest import REPO, SHARED_DATA
 from moe_ds.eval_tasks import render_local_tasks
-from moe_ds.evaluate import (BASELINE_DIR, SUMMARY_CSV, SUMMARY_MD, SUMMARY_PNG, EvalConfig, WandbLog, perplexity,
-                             read_results, results_dir)
+from moe_ds.evaluate import (BASELINE_DIR, SUMMARY_CSV, SUMMARY_MD, SUMMARY_PNG, EvalConfig, WandbLog, flat_metrics,
+                             perplexity, read_results, results_dir)
 from moe_ds.run_layout import CHECKPOINT_COMPLETE, EVALUATED
-from moe_ds.watch import LOCK_NAME, Evaluator, MarkerHandler, run_once
+from moe_ds.watch import LOCK_NAME, CheckpointWatcher, MarkerHandler, run_once
 
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "wikitext2_raw_test_docs.jsonl").is_file(),
                                 reason=f"real evaluation data not found at {SHARED_DATA}")
@@ -80,7 +80,16 @@ def test_config_rejects_bad_values(tmp_path, text_file):
         EvalConfig(checkpoint=str(tmp_path / "missing"))
     EvalConfig(watch=str(tmp_path / "not_yet"))  # a run that training has not created yet is fine
     cfg = EvalConfig(watch=str(tmp_path), tasks="wikitext, piqa", ppl_file=str(text_file), limit=3.0)
-    assert cfg.tasks == ("wikitext", "piqa", "perplexity") and cfg.limit == 3 and isinstance(cfg.limit, int)
+    assert cfg.tasks == ["wikitext", "piqa", "perplexity"] and cfg.limit == 3 and isinstance(cfg.limit, int)
+
+
+def test_flat_metrics_names_task_slash_metric():
+    record = {"tasks": {"wikitext": {"metrics": {"word_perplexity": 9.0, "word_perplexity_stderr": 0.5}},
+                        "piqa": {"metrics": {"acc": 0.6}, "error": "..."}, "broken": {}}}
+    assert flat_metrics(record) == {"wikitext/word_perplexity": 9.0, "piqa/acc": 0.6}
+    assert list(flat_metrics(record, stderr=True)) == ["wikitext/word_perplexity", "wikitext/word_perplexity_stderr",
+                                                       "piqa/acc"]
+    assert flat_metrics(None) == {} == flat_metrics({"status": "error"})
 
 
 def test_render_local_tasks_writes_absolute_paths_and_checks_files(tmp_path, text_file):
@@ -169,7 +178,7 @@ def test_once_baseline_exactly_once_broken_recorded_locked_skipped(tiny_lm_dir, 
         """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        done = Evaluator(cfg_for(run, text_file, baseline=str(tiny_lm_dir), once=True)).run()
+        done = CheckpointWatcher(cfg_for(run, text_file, baseline=str(tiny_lm_dir), once=True)).run()
     finally:
         holder.kill()
         holder.wait()
@@ -193,14 +202,14 @@ def test_once_baseline_exactly_once_broken_recorded_locked_skipped(tiny_lm_dir, 
 
     # A restart evaluates only what is new: the baseline never again, the lock-freed checkpoint now.
     stamp = (run / BASELINE_DIR / "results.json").stat().st_mtime_ns
-    done = Evaluator(cfg_for(run, text_file, baseline=str(tiny_lm_dir), once=True)).run()
+    done = CheckpointWatcher(cfg_for(run, text_file, baseline=str(tiny_lm_dir), once=True)).run()
     assert done == ["checkpoint-40"]
     assert (run / BASELINE_DIR / "results.json").stat().st_mtime_ns == stamp
 
 
 def test_polling_watcher_evaluates_new_checkpoint_and_stops_after_step(tiny_lm_dir, tmp_path, text_file):
     run = tmp_path / "run"  # not created yet: the evaluator is started before training
-    ev = Evaluator(cfg_for(run, text_file, polling=True, poll_interval_s=0.2, stop_after_step=7))
+    ev = CheckpointWatcher(cfg_for(run, text_file, polling=True, poll_interval_s=0.2, stop_after_step=7))
     thread = threading.Thread(target=ev.run)
     thread.start()
     try:
@@ -281,7 +290,7 @@ def test_local_wikitext_matches_lm_eval_cli(tiny_lm_dir, tmp_path):
 
 
 def test_deleted_checkpoint_is_skipped(tmp_path, text_file):
-    ev = Evaluator(cfg_for(tmp_path, text_file))
+    ev = CheckpointWatcher(cfg_for(tmp_path, text_file))
     gone = tmp_path / "checkpoint-9"  # announced by an event, then deleted before its turn
     assert ev._evaluate(gone, results_dir(gone), gone.name) is False
     assert not gone.exists() and ev.evaluated == []
