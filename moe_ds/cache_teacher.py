@@ -6,13 +6,13 @@ shard. When every rank is done, rank 0 joins the shards into the index file. A r
 arguments resumes each shard after its last flushed batch; a finished shard is skipped.
 """
 
-import json
 import logging
 import os
 import time
 from dataclasses import asdict, dataclass
 from itertools import chain, islice
 from pathlib import Path
+from typing import Literal, get_args
 
 import h5py
 import numpy as np
@@ -22,13 +22,21 @@ from tqdm.auto import tqdm
 from . import teacher_cache as tc
 from .corpus import load_corpus, pack_sequences
 from .dist import barrier, device_for, init_distributed, log_main, setup_logging
+from .run_layout import write_json_atomic
 
 logger = logging.getLogger("moe_ds")
 
+RUN_CONFIG = "cache_config.json"  # the resolved config, written to OUT.shards/ before work starts
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+Quantize = Literal["none", "8bit", "4bit"]
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTIZE = ("none", "8bit", "4bit")
+QUANTIZE = get_args(Quantize)
 # Test-only: a rank exits (status 75, no clean-up, like a kill) once it has written this many sequences.
 STOP_AFTER_ENV = "MOE_DS_CACHE_STOP_AFTER"
+
+
+class CacheTeacherError(ValueError):
+    """Bad input to the caching stage (the message names the setting, the teacher or the sizes)."""
 
 
 @dataclass
@@ -39,39 +47,37 @@ class CacheTeacherConfig:
     top_k: int = 64  # logits kept per position
     seq_len: int = 2048  # tokens per packed sequence
     batch_size: int = 4  # sequences per teacher forward
-    text_field: str | None = None  # text column (default "text" or the only string column)
+    text_field: str | None = None  # text column (None: "text", or the only string column)
     split: str = "train"  # hub dataset split
-    dataset_config: str | None = None  # hub dataset config, e.g. "sample-10BT"
+    dataset_config: str | None = None  # hub dataset config, e.g. sample-10BT
     max_sequences: int | None = None  # cap on packed sequences over all ranks (None: whole corpus)
-    dtype: str = "auto"  # teacher precision: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    quantize: str = "none"  # none | 8bit | 4bit (bitsandbytes)
-    compression: str = "lzf"  # none | lzf | gzip (see bench/teacher_cache.py for the cost)
+    dtype: Dtype = "auto"  # teacher precision: auto is bf16 on GPU, fp32 on CPU
+    quantize: Quantize = "none"  # load the teacher quantised by bitsandbytes
+    compression: tc.Compression = "lzf"  # HDF5 filter of the cached datasets (bench/teacher_cache.py: the cost)
     gzip_level: int = 4  # 0-9, with compression=gzip
     logits_chunk: int = 512  # positions converted to fp32 at once for top-k/logsumexp (bounds memory)
     overwrite: bool = False  # discard existing shards instead of resuming them
     trust_remote_code: bool = False  # for teachers with their own modeling code
 
     def __post_init__(self):
+        """Raises CacheTeacherError naming the offending setting."""
         if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise CacheTeacherError(f"top_k must be >= 1, got {self.top_k}")
         if self.seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+            raise CacheTeacherError(f"seq_len must be >= 1, got {self.seq_len}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise CacheTeacherError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_sequences is not None and self.max_sequences < 1:
-            raise ValueError(f"max_sequences must be >= 1 or None, got {self.max_sequences}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        if self.quantize not in QUANTIZE:
-            raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
-        if self.compression not in tc.COMPRESSIONS:
-            raise ValueError(f"compression must be one of {tc.COMPRESSIONS}, got {self.compression!r}")
+            raise CacheTeacherError(f"max_sequences must be >= 1 or None, got {self.max_sequences}")
+        for name, choices in (("dtype", get_args(Dtype)), ("quantize", QUANTIZE), ("compression", tc.COMPRESSIONS)):
+            if getattr(self, name) not in choices:
+                raise CacheTeacherError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if not 0 <= self.gzip_level <= 9:
-            raise ValueError(f"gzip_level must be in 0..9, got {self.gzip_level}")
+            raise CacheTeacherError(f"gzip_level must be in 0..9, got {self.gzip_level}")
         if self.logits_chunk < 1:
-            raise ValueError(f"logits_chunk must be >= 1, got {self.logits_chunk}")
+            raise CacheTeacherError(f"logits_chunk must be >= 1, got {self.logits_chunk}")
         if not self.output.endswith(".h5"):
-            raise ValueError(f"output must be an .h5 path, got {self.output!r}")
+            raise CacheTeacherError(f"output must be an .h5 path, got {self.output!r}")
 
 
 def teacher_topk(logits: torch.Tensor, k: int, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,13 +119,14 @@ def check_teacher_vocab(vocab_size: int, tokenizer_size: int, k: int) -> None:
     low logits. A tokenizer with more ids than the teacher has rows means the teacher cannot read its text.
 
     Raises:
-        ValueError: naming the sizes.
+        CacheTeacherError: naming the sizes.
     """
     if tokenizer_size > vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer_size} tokens but the teacher's vocabulary has only "
-                         f"{vocab_size}: ids >= {vocab_size} cannot be scored (wrong tokenizer for this teacher?)")
+        raise CacheTeacherError(f"the tokenizer has {tokenizer_size} tokens but the teacher's vocabulary has only "
+                                f"{vocab_size}: ids >= {vocab_size} cannot be scored (wrong tokenizer for this "
+                                "teacher?)")
     if k > vocab_size:
-        raise ValueError(f"--top-k {k} is larger than the teacher's vocabulary of {vocab_size}")
+        raise CacheTeacherError(f"--top-k {k} is larger than the teacher's vocabulary of {vocab_size}")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -134,12 +141,12 @@ def load_teacher(cfg: CacheTeacherConfig, device: torch.device):
         (model, description of its precision).
 
     Raises:
-        RuntimeError: quantisation was requested and bitsandbytes is missing or fails on this backend.
+        CacheTeacherError: quantisation was requested and bitsandbytes is missing or fails on this backend.
     """
     import transformers as T
 
     dtype = resolve_dtype(cfg.dtype, device)
-    kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.quantize == "none":
         model = T.AutoModelForCausalLM.from_pretrained(cfg.teacher, **kwargs).to(device)
         precision = str(dtype).removeprefix("torch.")
@@ -147,17 +154,17 @@ def load_teacher(cfg: CacheTeacherConfig, device: torch.device):
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as e:
-            raise RuntimeError(f"--quantize {cfg.quantize} needs bitsandbytes (pip install bitsandbytes), "
-                               f"which cannot be imported here: {e}") from e
+            raise CacheTeacherError(f"--quantize {cfg.quantize} needs bitsandbytes (pip install bitsandbytes), "
+                                    f"which cannot be imported here: {e}") from e
         qc = (T.BitsAndBytesConfig(load_in_8bit=True) if cfg.quantize == "8bit"
               else T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype))
         try:
             model = T.AutoModelForCausalLM.from_pretrained(cfg.teacher, quantization_config=qc,
                                                            device_map={"": device}, **kwargs)
         except Exception as e:  # bitsandbytes' errors differ per backend; say which backend refused
-            raise RuntimeError(f"loading the teacher in {cfg.quantize} through bitsandbytes failed on "
-                               f"{device.type}: {e}. This backend may not support it; use --quantize none "
-                               "with --dtype bf16") from e
+            raise CacheTeacherError(f"loading the teacher in {cfg.quantize} through bitsandbytes failed on "
+                                    f"{device.type}: {e}. This backend may not support it; use --quantize none "
+                                    "with --dtype bf16") from e
         precision = f"{cfg.quantize}(bitsandbytes)/{str(dtype).removeprefix('torch.')}"
     model.eval().requires_grad_(False)
     return model, precision
@@ -175,10 +182,10 @@ def cache_teacher(cfg: CacheTeacherConfig) -> tc.CacheMeta | None:
         The index attributes on rank 0, None on other ranks.
 
     Raises:
-        ValueError: bad config, tokenizer/teacher vocabulary mismatch, k > vocabulary.
+        CacheTeacherError: the teacher cannot be loaded, its vocabulary is smaller than its tokenizer's or
+            than k, or the requested quantisation is unavailable.
         moe_ds.corpus.CorpusError: missing, empty or too short corpus.
         moe_ds.teacher_cache.CacheFormatError: an existing shard belongs to another run.
-        RuntimeError: quantisation unavailable.
     """
     import transformers as T
 
@@ -189,8 +196,13 @@ def cache_teacher(cfg: CacheTeacherConfig) -> tc.CacheMeta | None:
     t0 = time.time()
 
     # Everything that can be refused is checked before the teacher is loaded or a byte is written.
-    tokenizer = T.AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-    config = T.AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tokenizer = T.AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+        config = T.AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        where = "a folder without a loadable tokenizer and config" if Path(cfg.teacher).is_dir() else (
+            "not a local folder and not loadable from the Hub")
+        raise CacheTeacherError(f"teacher {cfg.teacher!r} is {where}: {' '.join(str(e).split())}") from e
     vocab_size = _vocab_size(config)
     tok_name, tok_hash, tok_size = tc.tokenizer_fingerprint(tokenizer)
     check_teacher_vocab(vocab_size, tok_size, cfg.top_k)
@@ -213,7 +225,7 @@ def cache_teacher(cfg: CacheTeacherConfig) -> tc.CacheMeta | None:
         # A stale index must not present shards that are about to change.
         output.unlink(missing_ok=True)
         tc.shard_dir(output).mkdir(parents=True, exist_ok=True)
-        (tc.shard_dir(output) / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        write_json_atomic(tc.shard_dir(output) / RUN_CONFIG, asdict(cfg))
         current = {tc.shard_path(output, r, info.world_size).name for r in range(info.world_size)}
         stale = sorted(p.name for p in tc.shard_dir(output).glob("rank-*.h5") if p.name not in current)
         if stale:
@@ -281,7 +293,7 @@ def _wait_for_shards(output: Path, world_size: int, poll_s: float = 1.0) -> None
 
 def _run_shard(cfg, model, writer: tc.ShardWriter, sequences, device, rank: int, world_size: int) -> None:
     """Forward this rank's sequences through the teacher in batches and append them to its shard."""
-    stop_after = int(os.environ.get(STOP_AFTER_ENV, 0))
+    stop_after = int(os.environ.get(STOP_AFTER_ENV, "0"))
     expected = None
     if cfg.max_sequences is not None:
         expected = tc.shard_rows(cfg.max_sequences, rank, world_size) * cfg.seq_len

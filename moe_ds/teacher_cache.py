@@ -1,34 +1,12 @@
-"""The teacher top-k logit cache: one HDF5 layout, written and read only here.
+"""The teacher top-k logit cache: one HDF5 layout, written and read only here (rationale: docs/design.md).
 
-A cache ``OUT.h5`` is one index file plus one shard per rank in ``OUT.shards/``::
-
-    OUT.h5                                   index: attributes + virtual datasets over the shards
-    OUT.shards/rank-00000-of-00002.h5        sequences 0, 2, 4, ... (global order, stride = world size)
-    OUT.shards/rank-00001-of-00002.h5        sequences 1, 3, 5, ...
-
-Every file holds four datasets, one row per packed sequence (N rows, T positions, k entries):
-
-    input_ids    [N, T]     int32    token ids the teacher read (the distillation input, exactly)
-    topk_ids     [N, T, k]  int32    ids of the teacher's k largest logits, largest first
-    topk_logits  [N, T, k]  float16  those raw logits at temperature 1 (not log-probabilities)
-    logsumexp    [N, T]     float32  log sum_v exp(logit_v) over the FULL teacher vocabulary
-
-so ``log p_v = logit_v - logsumexp`` for the top-k ids, a distillation temperature tau within the top-k is
-``softmax(topk_logits / tau)``, and the exact probability mass outside the top-k at tau = 1 is
-``1 - sum(exp(topk_logits - logsumexp))`` (see ``topk_logprobs`` and ``tail_mass``). Logits of a bf16 teacher
-fit float16 exactly for |x| in [6.1e-5, 65504] (float16 has more mantissa bits than bf16); the pass refuses
-logits outside float16's range rather than storing infinities.
-
-Datasets are chunked one sequence per chunk, optionally compressed (none/lzf/gzip, with byte shuffle) and
-always carry a Fletcher-32 checksum, so a corrupted chunk is an error at read time, never silent garbage.
-
-The index's datasets are HDF5 virtual datasets (``h5py.File("OUT.h5")["topk_ids"][i]`` works in any tool;
-source paths are relative, so the folder can be moved). ``TeacherCacheDataset`` reads the shards directly and
-validates every one on open, because a virtual dataset silently returns fill values for a missing source.
-
-Completeness: a shard's ``complete`` attribute is set True only after its last row is written and flushed;
-the index file is written to a temporary name and renamed into place once every shard is complete, so an
-``OUT.h5`` that exists presents a finished cache, and readers refuse any shard that is not complete.
+A cache ``OUT.h5`` is an index file of HDF5 virtual datasets over one shard per rank,
+``OUT.shards/rank-RRRRR-of-WWWWW.h5``; sequence g lives in shard g % W, row g // W. Each file holds the
+datasets of ``_DATASETS``, one row per packed sequence, chunked one sequence per chunk, optionally compressed
+and Fletcher-32 checksummed. ``log p_v = logit_v - logsumexp`` for the cached ids (``topk_logprobs``); the
+mass outside the top-k is ``tail_mass``. A shard's ``complete`` attribute is set only after its last row is
+flushed and the index is renamed into place once every shard is complete, so an ``OUT.h5`` that exists
+presents a finished cache.
 """
 
 import hashlib
@@ -38,24 +16,30 @@ import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Literal, get_args
 
 import h5py
 import numpy as np
 import torch
 
+from .run_layout import atomic_file
+
 logger = logging.getLogger("moe_ds")
 
 FORMAT_VERSION = 1
-COMPRESSIONS = ("none", "lzf", "gzip")
+Compression = Literal["none", "lzf", "gzip"]  # HDF5 filters (with byte shuffle unless none)
+COMPRESSIONS = get_args(Compression)
 SHARDS_SUFFIX = ".shards"  # OUT.h5 -> OUT.shards/
+# A bf16 teacher's logits fit float16 exactly for |x| in [6.1e-5, 65504] (float16 has more mantissa bits);
+# logits beyond float16's range are refused rather than stored as infinities.
 FLOAT16_MAX = 65504.0
 
-# name -> (dtype, trailing shape builder from (T, k))
+# Every file's datasets, N rows (sequences) of T positions and k entries: name -> (dtype, trailing shape of (T, k)).
 _DATASETS = {
-    "input_ids": (np.int32, lambda t, k: (t,)),
-    "topk_ids": (np.int32, lambda t, k: (t, k)),
-    "topk_logits": (np.float16, lambda t, k: (t, k)),
-    "logsumexp": (np.float32, lambda t, k: (t,)),
+    "input_ids": (np.int32, lambda t, k: (t,)),  # [N, T] token ids the teacher read (the student's input)
+    "topk_ids": (np.int32, lambda t, k: (t, k)),  # [N, T, k] ids of the k largest logits, largest first
+    "topk_logits": (np.float16, lambda t, k: (t, k)),  # [N, T, k] those raw logits at temperature 1
+    "logsumexp": (np.float32, lambda t, k: (t,)),  # [N, T] log sum_v exp(logit_v) over the FULL vocabulary
 }
 
 
@@ -332,7 +316,7 @@ class ShardWriter:
         f = h5py.File(self.path, "w")
         filters = {}
         if self.meta.compression != "none":
-            filters = dict(compression=self.meta.compression, shuffle=True)
+            filters = {"compression": self.meta.compression, "shuffle": True}
             if self.meta.compression == "gzip":
                 filters["compression_opts"] = self.gzip_level
         for name, (dtype, trailing) in _DATASETS.items():
@@ -439,13 +423,13 @@ def write_index(output: str | Path, world_size: int) -> CacheMeta:
     total = sum(read_meta(shard_path(output, r, world_size)).num_sequences for r in range(world_size))
     meta = replace(first, num_sequences=total, complete=True, created=_now())
     paths, metas = _shard_metas(output, meta)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    with h5py.File(tmp, "w") as f:
+    with atomic_file(output) as tmp, h5py.File(tmp, "w") as f:
         for name, (dtype, trailing) in _DATASETS.items():
             tail = trailing(meta.seq_len, meta.k)
             layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dtype)
             for r, (p, m) in enumerate(zip(paths, metas)):
                 if m.num_sequences:
+                    # Source paths relative to the index: the folder can be moved.
                     src = h5py.VirtualSource(str(p.relative_to(output.parent)), name, shape=(m.num_sequences, *tail))
                     layout[r:total:world_size] = src
             f.create_virtual_dataset(name, layout, fillvalue=0)
@@ -453,7 +437,6 @@ def write_index(output: str | Path, world_size: int) -> CacheMeta:
             if key != "complete":
                 f.attrs[key] = value
         f.attrs["complete"] = True  # set last
-    os.replace(tmp, output)
     return meta
 
 
@@ -467,8 +450,10 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
         topk_logits  [T, k]  float32   raw teacher logits at temperature 1
         logsumexp    [T]     float32   over the teacher's full vocabulary
 
-    The index and every shard are validated on construction (and closed again); shard files are opened
-    lazily in the process that reads, because h5py handles do not survive a fork into DataLoader workers.
+    The index and every shard are validated on construction (and closed again), and items are read from the
+    shards, not through the index: a virtual dataset silently returns fill values for a missing source. Shard
+    files are opened lazily in the process that reads, because h5py handles do not survive a fork into
+    DataLoader workers.
 
     Attributes:
         meta: the cache's ``CacheMeta`` (k, seq_len, vocab_size, tokenizer name/hash/size, teacher, ...).

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import h5py
@@ -14,17 +15,18 @@ from tokenizers import Tokenizer, models
 
 from conftest import REPO, SHARED_DATA, launcher_env, tiny_model
 from moe_ds import teacher_cache as tc
-from moe_ds.cache_teacher import (STOP_AFTER_ENV, CacheTeacherConfig, cache_teacher, check_teacher_vocab,
-                                  load_teacher, teacher_topk)
+from moe_ds.cache_teacher import (RUN_CONFIG, STOP_AFTER_ENV, CacheTeacherConfig, CacheTeacherError, cache_teacher,
+                                  check_teacher_vocab, load_teacher, teacher_topk)
 from moe_ds.corpus import CorpusError, load_corpus, pack_sequences
 
 WIKITEXT = SHARED_DATA / "wikitext2_raw_test_docs.jsonl"
 
 
 def _meta(**kw) -> tc.CacheMeta:
-    base = dict(format_version=tc.FORMAT_VERSION, teacher_name="t", teacher_config_hash="c", tokenizer_name="tok",
-                tokenizer_hash="h", tokenizer_size=50, vocab_size=64, k=4, seq_len=8, dataset="d",
-                logits_dtype="float16", teacher_dtype="float32@cpu", compression="lzf", world_size=2)
+    base = {"format_version": tc.FORMAT_VERSION, "teacher_name": "t", "teacher_config_hash": "c",
+            "tokenizer_name": "tok", "tokenizer_hash": "h", "tokenizer_size": 50, "vocab_size": 64, "k": 4,
+            "seq_len": 8, "dataset": "d", "logits_dtype": "float16", "teacher_dtype": "float32@cpu",
+            "compression": "lzf", "world_size": 2}
     base.update(kw)
     return tc.CacheMeta(**base)
 
@@ -204,7 +206,7 @@ def test_missing_attribute_unknown_version_and_incomplete(tmp_path):
 
 
 def test_tokenizer_and_vocab_checks(tmp_path, tiny_tokenizer):
-    name, digest, size = tc.tokenizer_fingerprint(tiny_tokenizer)
+    _, digest, size = tc.tokenizer_fingerprint(tiny_tokenizer)
     meta = _meta(tokenizer_hash=digest, tokenizer_size=size, vocab_size=size + 16, world_size=1)
     out = tmp_path / "c.h5"
     _write_cache(out, meta, n=2)
@@ -226,18 +228,18 @@ def test_tokenizer_and_vocab_checks(tmp_path, tiny_tokenizer):
 
 def test_teacher_vocab_checks():
     check_teacher_vocab(vocab_size=336, tokenizer_size=320, k=64)  # padded teacher vocabulary is fine
-    with pytest.raises(ValueError, match="tokenizer has 320 tokens but the teacher's vocabulary has only 300"):
+    with pytest.raises(CacheTeacherError, match="tokenizer has 320 tokens but the teacher's vocabulary has only 300"):
         check_teacher_vocab(vocab_size=300, tokenizer_size=320, k=8)
-    with pytest.raises(ValueError, match="--top-k 400 is larger than the teacher's vocabulary of 320"):
+    with pytest.raises(CacheTeacherError, match="--top-k 400 is larger than the teacher's vocabulary of 320"):
         check_teacher_vocab(vocab_size=320, tokenizer_size=320, k=400)
 
 
 def test_config_range_checks(tmp_path):
-    ok = dict(teacher="t", data="d", output=str(tmp_path / "c.h5"))
+    ok = {"teacher": "t", "data": "d", "output": str(tmp_path / "c.h5")}
     for bad, match in [({"top_k": 0}, "top_k"), ({"seq_len": 0}, "seq_len"), ({"compression": "zstd"}, "zstd"),
                        ({"quantize": "3bit"}, "3bit"), ({"dtype": "fp8"}, "fp8"), ({"output": "c.hdf"}, ".h5"),
                        ({"max_sequences": 0}, "max_sequences"), ({"gzip_level": 12}, "gzip_level")]:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(CacheTeacherError, match=match):
             CacheTeacherConfig(**{**ok, **bad})
 
 
@@ -318,7 +320,7 @@ def test_pass_refuses_teacher_smaller_than_tokenizer(tmp_path, tiny_tokenizer, s
     tiny_tokenizer.save_pretrained(teacher)
     cfg = CacheTeacherConfig(teacher=str(teacher), data=_jsonl(tmp_path / "c.jsonl", [stdlib_text[:3000]]),
                              output=str(tmp_path / "out" / "c.h5"), top_k=4, seq_len=32)
-    with pytest.raises(ValueError, match="tokenizer has 320 tokens but the teacher's vocabulary has only 300"):
+    with pytest.raises(CacheTeacherError, match="tokenizer has 320 tokens but the teacher's vocabulary has only 300"):
         cache_teacher(cfg)
     assert not (tmp_path / "out").exists()
 
@@ -326,12 +328,14 @@ def test_pass_refuses_teacher_smaller_than_tokenizer(tmp_path, tiny_tokenizer, s
 def test_pass_single_process_and_quantized_teacher(tmp_path, tiny_lm_dir, stdlib_text):
     """One plain process (world size 1); the 8-bit teacher (bitsandbytes' CPU backend) stays close to fp32."""
     data = _jsonl(tmp_path / "c.jsonl", [stdlib_text[i:i + 2000] for i in range(0, 20_000, 2000)])
-    base = dict(teacher=str(tiny_lm_dir), data=data, top_k=8, seq_len=32, max_sequences=6, batch_size=4)
+    base = {"teacher": str(tiny_lm_dir), "data": data, "top_k": 8, "seq_len": 32, "max_sequences": 6, "batch_size": 4}
     fp32 = cache_teacher(CacheTeacherConfig(**base, output=str(tmp_path / "fp32.h5")))
     assert fp32.num_sequences == 6 and fp32.world_size == 1 and fp32.teacher_dtype == "float32@cpu"
+    resolved = json.loads((tc.shard_dir(tmp_path / "fp32.h5") / RUN_CONFIG).read_text())
+    assert resolved == asdict(CacheTeacherConfig(**base, output=str(tmp_path / "fp32.h5")))
     try:
         q = cache_teacher(CacheTeacherConfig(**base, output=str(tmp_path / "q8.h5"), quantize="8bit"))
-    except RuntimeError as e:  # the clear message of a backend without 8-bit support
+    except CacheTeacherError as e:  # the clear message of a backend without 8-bit support
         pytest.skip(f"bitsandbytes 8-bit unavailable here: {e}")
     assert q.teacher_dtype == "8bit/float32@cpu"
     a, b = tc.TeacherCacheDataset(tmp_path / "fp32.h5"), tc.TeacherCacheDataset(tmp_path / "q8.h5")
@@ -340,10 +344,18 @@ def test_pass_single_process_and_quantized_teacher(tmp_path, tiny_lm_dir, stdlib
         torch.testing.assert_close(b[i]["logsumexp"], a[i]["logsumexp"], rtol=0, atol=0.05)
 
 
+def test_pass_refuses_missing_teacher_and_writes_nothing(tmp_path):
+    cfg = CacheTeacherConfig(teacher=str(tmp_path / "no-teacher"), data=_jsonl(tmp_path / "c.jsonl", ["text"]),
+                             output=str(tmp_path / "out" / "c.h5"))
+    with pytest.raises(CacheTeacherError, match="no-teacher' is not a local folder and not loadable from the Hub"):
+        cache_teacher(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_quantize_without_bitsandbytes_says_so(monkeypatch, tiny_lm_dir, tmp_path):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     cfg = CacheTeacherConfig(teacher=str(tiny_lm_dir), data="d.jsonl", output=str(tmp_path / "c.h5"), quantize="4bit")
-    with pytest.raises(RuntimeError, match="--quantize 4bit needs bitsandbytes"):
+    with pytest.raises(CacheTeacherError, match="--quantize 4bit needs bitsandbytes"):
         load_teacher(cfg, torch.device("cpu"))
 
 
@@ -360,7 +372,8 @@ def _run_script(teacher, data, out, **env):
     cmd = ["bash", str(REPO / "launch" / "cache_teacher.sh"), "--teacher", str(teacher), "--data", str(data),
            "--output", str(out), "--top-k", "8", "--seq-len", "48", "--nproc", "2", "--max-sequences", "11",
            "--batch-size", "2"]
-    return subprocess.run(cmd, cwd=REPO, env=launcher_env(**env), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=REPO, env=launcher_env(**env), capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 @pytest.mark.slow
