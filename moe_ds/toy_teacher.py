@@ -1,26 +1,9 @@
 """A small real MoE teacher for the demo, trained here on text every Python installation ships.
 
-No model can be downloaded on the demo machines and a randomly initialised MoE has no structure to
-compress or recover, so this fixture maker trains a transformers Qwen3-MoE on the standard library's own
-source (``sysconfig.get_paths()["stdlib"]``, tests and site-packages left out) and its documentation
-topics (``pydoc_data.topics``). It is not a pipeline stage; the stages read what it leaves behind:
-
-    <output>/                  the teacher: save_pretrained model + tokenizer, and teacher.json (written last)
-    <output>/../data/train.jsonl     {"text": ..., "source": ...} per line, the training documents
-    <output>/../data/heldout.jsonl   the held-out documents (whole modules / topics never trained on)
-
-Split: the unit is a top-level module (a package with all its files, or one ``.py`` file) or one pydoc topic,
-so no held-out file shares a package with a training file. Units are ordered by the SHA-256 of their name and
-taken into the held-out set until it holds ``heldout_chars`` characters (units larger than a quarter of that
-budget are passed over, so one big package cannot make up the whole held-out set). The split depends only on
-the file list of this Python version, never on the seed.
-
-Held-out perplexity (printed before and after training, recorded in teacher.json): the held-out documents
-are tokenised without special tokens, each followed by EOS, concatenated and cut into consecutive windows of
-``seq_len`` tokens (the tail is dropped; ``moe_ds.corpus.pack_sequences``). Within each window every token
-but the first is predicted from the tokens before it in that window; perplexity = exp(mean NLL over all
-predicted tokens of all windows), natural log, computed without the router auxiliary loss.
-
+No model can be downloaded on the demo machines and a randomly initialised MoE has no structure to compress
+or recover, so this fixture maker trains a transformers Qwen3-MoE on the standard library's own source and
+its pydoc topics (``load_documents``), split by whole modules (``split_documents``). It is not a pipeline
+stage; the stages read what ``build_teacher`` leaves behind: the teacher folder and ``<output>/../data``.
 Determinism: the split, the tokenizer and (with ``steps``) the training are deterministic for one Python
 version, torch build and thread count. With ``minutes`` the step count depends on machine speed.
 """
@@ -28,13 +11,11 @@ version, torch build and thread count. With ``minutes`` the step count depends o
 import hashlib
 import json
 import math
-import os
 import platform
-import shutil
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +23,7 @@ import torch
 
 from moe_ds.corpus import pack_sequences
 from moe_ds.dist import logger
+from moe_ds.run_layout import atomic_file, atomic_output_dir, write_json_atomic
 
 RECORD = "teacher.json"  # written last: its presence with a matching cache key marks a complete teacher
 RECORD_FORMAT = 1
@@ -51,6 +33,10 @@ TRAIN_FILE, HELDOUT_FILE = "train.jsonl", "heldout.jsonl"
 # topics.py is one giant string literal that is read as documentation topics instead.
 _SKIP_PARTS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
                          "pydoc_data"})
+
+
+class ToyTeacherError(ValueError):
+    """A toy-teacher setting cannot work (the message names it)."""
 
 
 @dataclass
@@ -81,31 +67,51 @@ class TeacherConfig:
     threads: int = 2  # torch intra-op threads
 
     def __post_init__(self):
+        """Raises ToyTeacherError naming the offending setting."""
         if (self.steps is None) == (self.minutes is None):
-            raise ValueError(f"give exactly one of steps={self.steps!r} and minutes={self.minutes!r}")
+            raise ToyTeacherError(f"give exactly one of steps={self.steps!r} and minutes={self.minutes!r}")
         if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1")
+            raise ToyTeacherError(f"steps={self.steps} must be >= 1")
         if self.minutes is not None and not self.minutes > 0:
-            raise ValueError(f"minutes={self.minutes} must be > 0")
+            raise ToyTeacherError(f"minutes={self.minutes} must be > 0")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "num_experts", "top_k", "moe_intermediate_size", "seq_len", "batch_size", "threads",
                      "heldout_chars"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+                raise ToyTeacherError(f"{name}={getattr(self, name)} must be >= 1")
         if self.vocab_size < 260:
-            raise ValueError(f"vocab_size={self.vocab_size} must be >= 260 (256 byte symbols + EOS + merges)")
+            raise ToyTeacherError(f"vocab_size={self.vocab_size} must be >= 260 (256 byte symbols + EOS + merges)")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ToyTeacherError(f"num_heads={self.num_heads} is not a multiple of "
+                                  f"num_kv_heads={self.num_kv_heads}")
         if self.top_k > self.num_experts:
-            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+            raise ToyTeacherError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.seq_len < 2:
-            raise ValueError(f"seq_len={self.seq_len} must be >= 2 (one token predicted from another)")
+            raise ToyTeacherError(f"seq_len={self.seq_len} must be >= 2 (one token predicted from another)")
         if not (self.lr > 0 and 0 <= self.warmup_frac < 1 and 0 <= self.final_lr_frac <= 1):
-            raise ValueError(f"need lr > 0, 0 <= warmup_frac < 1, 0 <= final_lr_frac <= 1; got lr={self.lr}, "
-                             f"warmup_frac={self.warmup_frac}, final_lr_frac={self.final_lr_frac}")
+            raise ToyTeacherError(f"need lr > 0, 0 <= warmup_frac < 1, 0 <= final_lr_frac <= 1; got "
+                                  f"lr={self.lr}, warmup_frac={self.warmup_frac}, final_lr_frac={self.final_lr_frac}")
         if self.weight_decay < 0 or self.grad_clip <= 0 or self.aux_loss_coef < 0:
-            raise ValueError(f"need weight_decay >= 0, grad_clip > 0, aux_loss_coef >= 0; got "
-                             f"{self.weight_decay}, {self.grad_clip}, {self.aux_loss_coef}")
+            raise ToyTeacherError(f"need weight_decay >= 0, grad_clip > 0, aux_loss_coef >= 0; got "
+                                  f"{self.weight_decay}, {self.grad_clip}, {self.aux_loss_coef}")
+
+
+@dataclass
+class BuildTeacherConfig(TeacherConfig):
+    """The builder's command line: the teacher's config, where it goes, and whether a cached one may be reused."""
+
+    steps: int | None = None  # optimiser steps (the teacher's default unless minutes is given; deterministic)
+    output: str = "runs/toy/teacher"  # teacher folder; the corpus goes to <output>/../data
+    force: bool = False  # rebuild even when a complete teacher with the same config and corpus exists
+
+    def __post_init__(self):
+        if self.steps is None and self.minutes is None:
+            self.steps = TeacherConfig.steps
+        super().__post_init__()
+
+    def teacher_config(self) -> TeacherConfig:
+        """The ``TeacherConfig`` part (what the cache key and teacher.json record)."""
+        return TeacherConfig(**{f.name: getattr(self, f.name) for f in fields(TeacherConfig)})
 
 
 # ----------------------------------------------------------------------------------------------- corpus
@@ -152,13 +158,18 @@ def load_documents(root: Path | None = None) -> list[Document]:
 
 
 def split_documents(docs: list[Document], heldout_chars: int) -> tuple[list[Document], list[Document]]:
-    """Deterministic train / held-out split by whole units (see the module docstring).
+    """Deterministic train / held-out split by whole units, so no held-out file shares a package with a training file.
+
+    The unit is a top-level module (a package with all its files, or one ``.py`` file) or one pydoc topic.
+    Units are ordered by the SHA-256 of their name and taken into the held-out set until it holds
+    ``heldout_chars`` characters; units larger than a quarter of that budget are passed over, so one big
+    package cannot make up the whole held-out set. The split depends only on the file list, never on a seed.
 
     Returns:
         (train, heldout), each in the input order.
 
     Raises:
-        ValueError: the held-out budget takes every unit, leaving nothing to train on.
+        ToyTeacherError: the held-out budget takes every unit, leaving nothing to train on.
     """
     size: dict[str, int] = {}
     for d in docs:
@@ -171,17 +182,14 @@ def split_documents(docs: list[Document], heldout_chars: int) -> tuple[list[Docu
             held.add(unit)
             total += size[unit]
     if len(held) == len(size):
-        raise ValueError(f"heldout_chars={heldout_chars} holds out every unit; nothing is left to train on")
+        raise ToyTeacherError(f"heldout_chars={heldout_chars} holds out every unit; nothing is left to train on")
     return [d for d in docs if d.unit not in held], [d for d in docs if d.unit in held]
 
 
 def write_jsonl(path: Path, docs: list[Document]) -> None:
-    """One ``{"text", "source"}`` object per line, written to a temp file and renamed into place."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d.text, "source": d.source}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """One ``{"text", "source"}`` object per line, written atomically."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": d.text, "source": d.source}, ensure_ascii=False) + "\n" for d in docs)
 
 
 # -------------------------------------------------------------------------------------- tokenizer, model
@@ -234,6 +242,10 @@ def count_params(model) -> dict:
 def heldout_perplexity(model, windows: torch.Tensor, batch_size: int = 64) -> float:
     """exp(mean token NLL) over packed windows, the first token of each window unpredicted.
 
+    The held-out perplexity of teacher.json and of the demo report: documents tokenised without special
+    tokens, each followed by EOS, concatenated and cut into consecutive ``seq_len`` windows (tail dropped;
+    ``moe_ds.corpus.pack_sequences``); natural log, no router auxiliary loss.
+
     Args:
         windows: [N, T] int64 token ids (``pack_sequences`` output stacked).
         batch_size: windows per forward pass (large: fewer Python-bound passes; no activations are kept).
@@ -270,7 +282,7 @@ def train(model, windows: torch.Tensor, cfg: TeacherConfig, log_every: int = 20)
         (no aux loss), "loss_last" averaged over the final ``log_every`` steps.
     """
     if len(windows) < cfg.batch_size:
-        raise ValueError(f"{len(windows)} training windows, fewer than batch_size={cfg.batch_size}")
+        raise ToyTeacherError(f"{len(windows)} training windows, fewer than batch_size={cfg.batch_size}")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -347,8 +359,9 @@ def build_teacher(cfg: TeacherConfig, output: str | Path, force: bool = False,
                   stdlib_root: Path | None = None) -> dict:
     """Build (or reuse) the toy teacher: split the corpus, train the tokenizer and the model, save both.
 
-    The model is built in ``<output>.tmp`` and renamed into place, with ``teacher.json`` written last, so an
-    interrupted build never looks complete. The corpus files are rewritten on every build.
+    Writes ``<output>/`` (model + tokenizer, saved under a temporary name and renamed into place, then
+    ``teacher.json`` last, so an interrupted build never looks complete) and ``<output>/../data/train.jsonl``,
+    ``heldout.jsonl`` (``{"text", "source"}`` per line, rewritten on every build).
 
     Args:
         cfg: the teacher's configuration.
@@ -399,10 +412,9 @@ def build_teacher(cfg: TeacherConfig, output: str | Path, force: bool = False,
     logger.info("toy teacher: %d steps in %.1f s; held-out ppl %.1f -> %.1f", stats["steps"], stats["seconds"],
                 ppl_before, ppl)
 
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    with atomic_output_dir(output, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     record = {
         "format": RECORD_FORMAT, "cache_key": key, "config": asdict(cfg),
         "heldout_ppl": ppl, "heldout_ppl_before": ppl_before,
@@ -418,12 +430,7 @@ def build_teacher(cfg: TeacherConfig, output: str | Path, force: bool = False,
         "python": platform.python_version(), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "command": " ".join(sys.argv),
     }
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
     record["total_seconds"] = round(time.perf_counter() - t0, 1)
-    rec_tmp = output / (RECORD + ".tmp")
-    rec_tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(rec_tmp, output / RECORD)
+    write_json_atomic(output / RECORD, record)
     logger.info("toy teacher: saved to %s in %.1f s total", output, record["total_seconds"])
     return {**record, "cached": False}

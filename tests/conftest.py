@@ -26,8 +26,8 @@ VOCAB = 320
 
 def tiny_config(family: str, vocab_size: int = VOCAB) -> T.PretrainedConfig:
     """A 2-3 layer, hidden-32 config of ``family`` with 6-8 experts, top-2."""
-    common = dict(vocab_size=vocab_size, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                  num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=False)
+    common = {"vocab_size": vocab_size, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "num_experts_per_tok": 2, "max_position_embeddings": 256, "tie_word_embeddings": False}
     if family == "qwen3_moe":
         return T.Qwen3MoeConfig(**common, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=2,
                                 head_dim=8, num_experts=6, norm_topk_prob=True)
@@ -89,16 +89,10 @@ def _stdlib_text(max_chars: int = 400_000) -> str:
 
 
 def train_tiny_tokenizer(vocab_size: int = VOCAB) -> T.PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on stdlib source with the ``tokenizers`` library."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """The toy teacher's byte-level BPE tokenizer, trained on stdlib source."""
+    from moe_ds.toy_teacher import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([_stdlib_text()], trainer=trainer)
-    return T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return train_tokenizer([_stdlib_text()], vocab_size)
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,9 @@ import transformers as T
 from moe_ds.toy_teacher import (HELDOUT_FILE, RECORD, TRAIN_FILE, TeacherConfig, build_teacher, load_documents,
                                 split_documents, stdlib_dir, stdlib_files)
 
-TINY = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4,
-            top_k=2, moe_intermediate_size=32, seq_len=32, batch_size=8, steps=25, lr=1e-2, heldout_chars=6_000)
+TINY = {"vocab_size": 300, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
+        "num_experts": 4, "top_k": 2, "moe_intermediate_size": 32, "seq_len": 32, "batch_size": 8, "steps": 25,
+        "lr": 1e-2, "heldout_chars": 6_000}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_tiny_build_trains_saves_and_caches(tmp_path, small_stdlib):
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime
     changed = build_teacher(TeacherConfig(**{**TINY, "steps": 5}), out, stdlib_root=small_stdlib)
     assert not changed["cached"] and changed["steps"] == 5 and changed["cache_key"] != rec["cache_key"]
-    assert not (out.parent / "teacher.tmp").exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["data", "teacher"]  # no temporary or old folder left
 
     # a forced rebuild with the same config and seed is the same teacher, on the same corpus files
     held_bytes = (data / HELDOUT_FILE).read_bytes()
