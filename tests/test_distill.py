@@ -16,9 +16,10 @@ from conftest import REPO, launcher_env, tiny_model
 from moe_ds import teacher_cache as tc
 from moe_ds.cache_teacher import CacheTeacherConfig, cache_teacher
 from moe_ds.checkpoint import CheckpointError, compress_model, load_compressed, save_compressed
+from moe_ds.cli import ConfigError, run
 from moe_ds.distill import (CONFIG_FILE, LOG_FILE, PROBE_ENV, DistillConfig, DistillConfigError, DistillDataset,
-                            GroupConfig, StageConfig, apply_groups, build_config, check_deepspeed_config,
-                            distill_loss, load_config_file, prepare, resolve_groups)
+                            DistillTrainer, GroupConfig, StageConfig, apply_groups, check_deepspeed_config,
+                            distill_loss, parse_group, prepare, resolve_groups, run_distill, training_arguments)
 from moe_ds.run_layout import CHECKPOINT_COMPLETE
 
 WRAPPERS = r"experts\.\w+_(u|v)_(in|out)$"
@@ -54,10 +55,23 @@ def setup(tmp_path_factory, tiny_tokenizer, stdlib_text):
 
 
 def _cfg(root: Path, **kw) -> DistillConfig:
-    base = dict(student=str(root / "student"), teacher_cache=str(root / "cache.h5"), output=str(root / "out"),
-                max_steps=4, report_to="none")
+    base = {"student": str(root / "student"), "teacher_cache": str(root / "cache.h5"), "output": str(root / "out"),
+            "max_steps": 4, "report_to": "none"}
     base.update(kw)
     return DistillConfig(**base)
+
+
+def _launcher():
+    """launch/distill.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_distill", REPO / "launch" / "distill.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    return launch
+
+
+EXAMPLE = REPO / "launch" / "distill_stages.example.json"
 
 
 # ------------------------------------------------------------------------------------ configuration files
@@ -90,7 +104,7 @@ def test_bad_deepspeed_json_is_refused(tmp_path):
 
 
 def test_config_checks_and_precedence(tmp_path):
-    base = dict(student="s", teacher_cache="c.h5", output="o")
+    base = {"student": "s", "teacher_cache": "c.h5", "output": "o"}
     with pytest.raises(DistillConfigError, match=r"add up to 5 \(2 \+ 3\) but max_steps is 4"):
         DistillConfig(**base, max_steps=4, stages=[{"steps": 2}, {"steps": 3}])
     assert DistillConfig(**base, stages=[{"steps": 2}, {"steps": 3}]).stage_bounds() == [(0, 2), (2, 5)]
@@ -106,21 +120,41 @@ def test_config_checks_and_precedence(tmp_path):
         DistillConfig(**base, stages=[{"steps": 2, "lr": 3}])
     with pytest.raises(DistillConfigError, match="alpha"):
         DistillConfig(**base, max_steps=2, alpha=1.5)
-    with pytest.raises(DistillConfigError, match="kd_tail"):
-        DistillConfig(**base, max_steps=2, kd_tail="drop")
+    for tail in ("drop", "tail"):  # "tail" is the old name of "bucket"
+        with pytest.raises(DistillConfigError, match="kd_tail"):
+            DistillConfig(**base, max_steps=2, kd_tail=tail)
+    with pytest.raises(DistillConfigError, match="dataloader_num_workers"):
+        DistillConfig(**base, max_steps=2, dataloader_num_workers=-1)
     # defaults < file < flags
     f = tmp_path / "c.yaml"
     f.write_text("alpha: 0.5\ntemperature: 2.0\nmax_steps: 7\n")
-    cfg = build_config({**base, **load_config_file(f)}, {"temperature": 3.0, "alpha": None})
+    args = ["--student", "s", "--teacher-cache", "c.h5", "--output", "o", "--config", str(f)]
+    cfg = _launcher().config_from_args(args + ["--temperature", "3"])
     assert (cfg.alpha, cfg.temperature, cfg.max_steps, cfg.learning_rate) == (0.5, 3.0, 7, 1e-4)
     (tmp_path / "bad.json").write_text(json.dumps({"alpha": 0.5, "alhpa": 1}))
-    with pytest.raises(DistillConfigError, match="unknown setting"):
-        load_config_file(tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        _launcher().config_from_args(args[:-1] + [str(tmp_path / "bad.json")])
+
+
+def test_training_arguments_come_from_the_config_fields(tmp_path):
+    from transformers import TrainingArguments
+
+    cfg = DistillConfig(student="s", teacher_cache="c.h5", output=str(tmp_path / "o"), max_steps=3, batch_size=5,
+                        lr_scheduler="linear", dataloader_num_workers=1, save_total_limit=2, deepspeed="none",
+                        report_to="none")
+    passed = cfg.training_arguments()
+    assert passed["per_device_train_batch_size"] == 5 and passed["lr_scheduler_type"] == "linear"
+    assert passed["dataloader_num_workers"] == 1 and passed["max_steps"] == 3 and passed["save_total_limit"] == 2
+    assert len(passed) >= 14 and set(passed) <= set(TrainingArguments.__dataclass_fields__)
+    args = training_arguments(cfg)
+    assert (args.per_device_train_batch_size, args.dataloader_num_workers, args.max_steps, args.deepspeed) == \
+        (5, 1, 3, None)
+    assert issubclass(DistillTrainer, __import__("transformers").Trainer)
 
 
 def test_example_stage_config_resolves_on_a_compressed_model():
-    settings = load_config_file(REPO / "launch" / "distill_stages.example.json")
-    cfg = build_config({"student": "s", "teacher_cache": "c.h5", "output": "o", **settings})
+    cfg = _launcher().config_from_args(["--student", "s", "--teacher-cache", "c.h5", "--output", "o",
+                                        "--config", str(EXAMPLE)])
     model = compress_model(tiny_model("qwen3_moe"), {"gate": 2, "up": 2, "down": 2})
     names = [(n, p.numel()) for n, p in model.named_parameters()]
     first, second = (resolve_groups(names, s, cfg.learning_rate, cfg.weight_decay) for s in cfg.stages)
@@ -131,26 +165,44 @@ def test_example_stage_config_resolves_on_a_compressed_model():
     assert second[1].lr == pytest.approx(0.5 * cfg.learning_rate)
 
 
-def test_launch_flags_build_the_config(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("launch_distill", REPO / "launch" / "distill.py")
-    launch = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launch)
+def test_launch_flags_build_the_config(capsys):
+    launch = _launcher()
     base = ["--student", "s", "--teacher-cache", "c.h5", "--output", "o", "--local_rank=1"]
-    cfg = launch.config_from_args(base + ["--max-steps", "5", "--group", f"{WRAPPERS}=2:0.1", "--group", f"{CORES}=0",
+    cfg = launch.config_from_args(base + ["--max-steps", "5", "--groups", f"{WRAPPERS}=2:0.1", f"{CORES}=0",
                                           "--default-lr-mult", "0.5", "--deepspeed", "none", "--alpha", "0.3"])
     assert cfg.deepspeed is None and cfg.alpha == 0.3 and cfg.max_steps == 5 and len(cfg.stages) == 1
     g = cfg.stages[0].groups
     assert (g[0].pattern, g[0].lr_mult, g[0].weight_decay, g[1].lr_mult) == (WRAPPERS, 2.0, 0.1, 0.0)
     assert cfg.stages[0].default_lr_mult == 0.5
-    cfg = launch.config_from_args(base + ["--config", str(REPO / "launch" / "distill_stages.example.json"),
-                                          "--learning-rate", "3e-5"])
+    # the groups are folded into the stage: the resolved config rebuilds the same run
+    assert cfg.groups == [] and cfg.default_lr_mult is None and DistillConfig(**cfg.to_dict()) == cfg
+    cfg = launch.config_from_args(base + ["--config", str(EXAMPLE), "--learning-rate", "3e-5"])
     assert cfg.max_steps == 300 and cfg.learning_rate == 3e-5 and cfg.deepspeed.endswith("ds_configs/zero3.json")
+    assert launch.config_from_args(base + ["--config", str(EXAMPLE), "--deepspeed", "none"]).deepspeed is None
     with pytest.raises(DistillConfigError, match="already has stages"):
-        launch.config_from_args(base + ["--config", str(REPO / "launch" / "distill_stages.example.json"),
-                                        "--group", "x=1"])
-    assert launch.main(base + ["--max-steps", "2", "--alpha", "2"]) == 2  # refused with a one-line error
+        launch.config_from_args(base + ["--config", str(EXAMPLE), "--groups", "x=1"])
+    with pytest.raises(DistillConfigError, match="need --max-steps"):
+        launch.config_from_args(base + ["--groups", "x=1"])
+    capsys.readouterr()
+    assert run("distill", lambda: launch.main(base + ["--max-steps", "2", "--alpha", "2"]), launch.ERRORS) == 2
+    assert capsys.readouterr().err == "distill: error: alpha must be in [0, 1], got 2.0\n"  # one line
+
+
+def test_group_syntax():
+    assert parse_group("a=b=0.5:0.1") == GroupConfig("a=b", 0.5, 0.1)  # the last "=" separates the multiplier
+    assert parse_group(f"{CORES}=0") == GroupConfig(CORES, 0.0, None)
+    for bad, match in (("x", "PATTERN=LR_MULT"), ("=1", "PATTERN=LR_MULT"), ("x=fast", "must be numbers"),
+                       ("x=1:y", "must be numbers"), ("(=1", "not a regular expression"), ("x=-1", "lr_mult")):
+        with pytest.raises(DistillConfigError, match=match):
+            parse_group(bad)
+
+
+def test_help_is_generated_from_the_config(capsys):
+    with pytest.raises(SystemExit):
+        _launcher().config_from_args(["--help"])
+    out = capsys.readouterr().out
+    assert "processes reading the HDF5 cache per rank" in out and "{bucket,renormalize}" in out
+    assert "--groups" in out and "--no-shuffle" in out and "--stages" not in out
 
 
 # ------------------------------------------------------------------------------------------ groups
@@ -263,6 +315,23 @@ def test_kd_loss_falls_when_the_student_overfits_a_fixed_batch(setup):
     assert float(r.kl) < 0.5 * first[1] and float(r.loss.detach()) < 0.5 * first[0] and float(r.ce) < first[2]
 
 
+def test_two_dataloader_workers_give_the_same_loss_curve_as_none(setup, tmp_path):
+    """Workers open the cache themselves; the batches, and so every logged number and the weights, are the same."""
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"workers{workers}"
+        cfg = _cfg(setup, output=str(out), deepspeed="none", max_steps=None, batch_size=2, save_steps=2,
+                   logging_steps=1, learning_rate=1e-3, dataloader_num_workers=workers,
+                   stages=[{"steps": 2, "default_lr_mult": 0.0, "groups": [{"pattern": WRAPPERS}]}, {"steps": 2}])
+        assert run_distill(cfg) == out / "checkpoint-4"
+        rows = _rows(out / LOG_FILE)
+        runs[workers] = ({s: {k: r[k] for k in ("loss", "ce", "kl", "lr", "grad_norm")} for s, r in rows.items()},
+                         load_file(out / "checkpoint-4" / "model.safetensors"))
+    (curve0, weights0), (curve2, weights2) = runs[0], runs[2]
+    assert sorted(curve0) == [1, 2, 3, 4] and curve2 == curve0
+    assert weights2.keys() == weights0.keys() and all(torch.equal(weights2[k], weights0[k]) for k in weights0)
+
+
 # --------------------------------------------------------------------------- the real 2-rank launcher
 
 def _launch(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -280,7 +349,7 @@ def _launch(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
            "--report-to", "none", *extra]
     env = launcher_env(**{PROBE_ENV: "1"})
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400, check=False)
 
 
 _FRESH = """
@@ -344,7 +413,7 @@ def test_two_rank_zero3_two_stages_checkpoints_reload_and_resume(setup, tmp_path
     # a fresh process loads the checkpoint (our loader and trust_remote_code): logits equal the in-training model's
     res = tmp_path / "fresh.pt"
     q = subprocess.run([sys.executable, "-c", _FRESH, str(out / "checkpoint-6"), str(out / "probe_input.pt"), str(res)],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert q.returncode == 0, q.stderr[-3000:]
     fresh, trained = torch.load(res), torch.load(out / "probe-6.pt")
     torch.testing.assert_close(fresh["ours"], trained, atol=1e-5, rtol=1e-5)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from moe_ds.kd_loss import chunked_kd_loss, full_vocab_kd_loss, kd_loss_reference
+from kd_reference import kd_loss_reference
+from moe_ds.kd_loss import TAIL_MODES, chunked_kd_loss, full_vocab_kd_loss
 
 
 def _case(b=2, t=9, v=37, k=None, seed=0, dtype=torch.float32):
@@ -27,7 +28,7 @@ def _grad(fn, z):
     return out, z.grad
 
 
-@pytest.mark.parametrize("tail", ["tail", "renormalize"])
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
 @pytest.mark.parametrize("tau", [1.0, 2.0, 0.7])
 def test_full_support_equals_full_vocabulary_kd(tail, tau):
     z, teacher, ids, vals, lse, labels = _case()
@@ -45,11 +46,11 @@ def test_full_support_equals_full_vocabulary_kd(tail, tau):
     assert (ours.num_ce, ours.num_kl) == (2 * 8 - 3, 2 * 9 - 3)
 
 
-@pytest.mark.parametrize("tail", ["tail", "renormalize"])
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
 @pytest.mark.parametrize("tau", [1.0, 2.0, 0.5])
 @pytest.mark.parametrize("chunk", [1, 4, 1000])
 def test_topk_matches_dense_reference(tail, tau, chunk):
-    z, teacher, ids, vals, lse, labels = _case(k=5, seed=1)
+    z, _, ids, vals, lse, labels = _case(k=5, seed=1)
     vals = vals.half().float()  # as stored in the cache
     mask = torch.ones_like(labels)
     mask[0, :2] = 0  # left padding
@@ -63,17 +64,17 @@ def test_topk_matches_dense_reference(tail, tau, chunk):
     torch.testing.assert_close(g_ours, g_ref, atol=1e-6, rtol=1e-5)
 
 
-def test_tail_category_at_tau_1_is_the_exact_coarse_kl():
+def test_bucket_category_at_tau_1_is_the_exact_coarse_kl():
     """Independent of the cache's logsumexp path: coarse distributions from the full teacher logits."""
     z, teacher, ids, vals, lse, labels = _case(k=6, seed=2)
-    ours = chunked_kd_loss(z, labels, ids, vals, lse, alpha=1.0, temperature=1.0, tail="tail")
+    ours = chunked_kd_loss(z, labels, ids, vals, lse, alpha=1.0, temperature=1.0, tail="bucket")
     p, q = teacher.softmax(-1), z.softmax(-1)
     in_s = torch.zeros_like(p, dtype=torch.bool).scatter(-1, ids, True)
     cp = torch.cat([p.gather(-1, ids), (p * ~in_s).sum(-1, keepdim=True)], -1)
     cq = torch.cat([q.gather(-1, ids), (q * ~in_s).sum(-1, keepdim=True)], -1)
     kl = (cp * (cp.log() - cq.log())).sum(-1).mean()
     torch.testing.assert_close(ours.kl, kl, atol=1e-5, rtol=1e-5)
-    # Renormalising instead drops the tail: a different number on the same data.
+    # Renormalising instead drops the bucket: a different number on the same data.
     ren = chunked_kd_loss(z, labels, ids, vals, lse, alpha=1.0, temperature=1.0, tail="renormalize")
     assert abs(float(ren.kl) - float(ours.kl)) > 1e-2
 
@@ -91,7 +92,7 @@ def test_ce_term_matches_the_models_own_shifted_loss():
 
 
 def test_padding_positions_do_not_count_and_get_no_gradient():
-    z, teacher, ids, vals, lse, labels = _case(k=5, seed=3)
+    z, _, ids, vals, lse, labels = _case(k=5, seed=3)
     mask = torch.ones_like(labels)
     mask[0, -4:] = 0
     base, g = _grad(lambda x: chunked_kd_loss(x, labels, ids, vals, lse, alpha=0.5, temperature=2.0,
@@ -109,7 +110,7 @@ def test_padding_positions_do_not_count_and_get_no_gradient():
 
 
 def test_bf16_logits_give_bf16_gradient_close_to_fp32():
-    z, teacher, ids, vals, lse, labels = _case(k=8, seed=4)
+    z, _, ids, vals, lse, labels = _case(k=8, seed=4)
     o32, g32 = _grad(lambda x: chunked_kd_loss(x, labels, ids, vals, lse, temperature=2.0), z)
     o16, g16 = _grad(lambda x: chunked_kd_loss(x, labels, ids, vals, lse, temperature=2.0), z.bfloat16())
     assert g16.dtype == torch.bfloat16 and o16.loss.dtype == torch.float32
@@ -118,7 +119,7 @@ def test_bf16_logits_give_bf16_gradient_close_to_fp32():
 
 
 def test_no_grad_path_and_loss_scaling():
-    z, teacher, ids, vals, lse, labels = _case(k=5, seed=5)
+    z, _, ids, vals, lse, labels = _case(k=5, seed=5)
     with torch.no_grad():
         a = chunked_kd_loss(z, labels, ids, vals, lse, alpha=0.3, temperature=2.0)
     torch.testing.assert_close(a.loss, 0.7 * a.ce + 0.3 * 4.0 * a.kl)
@@ -128,11 +129,15 @@ def test_no_grad_path_and_loss_scaling():
     torch.testing.assert_close(zr.grad, 3.0 * g1)
 
 
+def test_tail_modes_are_named_bucket_and_renormalize():
+    assert TAIL_MODES == ("bucket", "renormalize")
+
+
 @pytest.mark.parametrize("kw, match", [
-    (dict(alpha=1.5), "alpha"), (dict(temperature=0.0), "temperature"), (dict(tail="drop"), "tail"),
-    (dict(chunk_size=0), "chunk_size")])
+    ({"alpha": 1.5}, "alpha"), ({"temperature": 0.0}, "temperature"), ({"tail": "drop"}, "tail"),
+    ({"tail": "tail"}, "tail"), ({"chunk_size": 0}, "chunk_size")])  # "tail" is the old name of "bucket"
 def test_bad_arguments(kw, match):
-    z, teacher, ids, vals, lse, labels = _case(k=5)
+    z, _, ids, vals, lse, labels = _case(k=5)
     with pytest.raises(ValueError, match=match):
         chunked_kd_loss(z, labels, ids, vals, lse, **kw)
     with pytest.raises(ValueError, match="labels"):

@@ -1,0 +1,265 @@
+"""The distillation Trainer: KD loss on cached teacher top-k, per-stage optimizer and schedule, data order, callbacks.
+
+``DistillTrainer`` is a ``transformers.Trainer`` whose ``compute_loss`` is ``moe_ds.kd_loss.chunked_kd_loss``; it
+reads a ``DistillDataset`` in order (the order is a seeded function of the sample index, so a resumed run sees
+the batches of an uninterrupted one) and logs CE, KL, the scheduled rate and global tokens/s. Every checkpoint
+is completed in the compressed format and marked ``CHECKPOINT_COMPLETE`` last, after a barrier.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .checkpoint import finish_checkpoint
+from .dist import barrier, disable_deepspeed_shm_op, dist_info, log_main
+from .distill_config import DistillConfig, offloads_optimizer
+from .distill_params import ResolvedGroup, apply_groups
+from .kd_loss import KDLoss, chunked_kd_loss
+from .run_layout import CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, write_atomic
+from .teacher_cache import TeacherCacheDataset
+
+LOG_FILE = "train_log.jsonl"  # one JSON object per logging step, in the output directory
+# Test-only: after saving the checkpoint of this step every rank runs the student on the input ids stored in
+# <output>/probe_input.pt and rank 0 writes the logits to <output>/probe-<step>.pt (compared in a fresh process).
+PROBE_ENV = "MOE_DS_DISTILL_PROBE"
+
+
+class DistillDataset(torch.utils.data.Dataset):
+    """``num_samples`` cache sequences in a fixed order: pass e over the cache uses permutation(seed + e).
+
+    Read sequentially, sample i of the run is a function of i alone, which is what makes a resumed run (that
+    skips the samples already trained) see the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, cache: TeacherCacheDataset, num_samples: int, seed: int, shuffle: bool, offset: int = 0):
+        """Samples ``offset .. offset + num_samples - 1`` of the run's order (a stage's share of the run)."""
+        self.cache, self.num_samples, self.seed, self.shuffle, self.offset = cache, num_samples, seed, shuffle, offset
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def index(self, i: int) -> int:
+        """The cache sequence read as sample ``i`` of the run."""
+        n = len(self.cache)
+        epoch, j = divmod(i, n)
+        if not self.shuffle:
+            return j
+        if epoch not in self._perms:
+            self._perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return int(self._perms[epoch][j])
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(i)
+        return self.cache[self.index(self.offset + i)]
+
+
+def distill_loss(model, inputs: dict, cfg: DistillConfig) -> tuple[KDLoss, object]:
+    """The student's forward and its KD loss on one batch of the cache.
+
+    Args:
+        model: the student (or its DeepSpeed engine).
+        inputs: a collated ``TeacherCacheDataset`` batch: input_ids [B, T] int64, topk_ids [B, T, k] int64,
+            topk_logits [B, T, k] float32, logsumexp [B, T] float32, optionally attention_mask [B, T].
+        cfg: alpha, temperature, kd_tail and kd_chunk_size are used.
+
+    Returns:
+        (KDLoss, model outputs). Labels are the input ids (shifted inside the loss); padding is ignored.
+    """
+    input_ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    outputs = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    labels = input_ids if mask is None else input_ids.masked_fill(mask == 0, -100)
+    r = chunked_kd_loss(outputs.logits, labels, inputs["topk_ids"], inputs["topk_logits"], inputs["logsumexp"],
+                        alpha=cfg.alpha, temperature=cfg.temperature, tail=cfg.kd_tail, attention_mask=mask,
+                        chunk_size=cfg.kd_chunk_size)
+    return r, outputs
+
+
+class DistillTrainer(Trainer):
+    """The Trainer for one stage: KD loss, the stage's parameter groups and schedule, fixed data order."""
+
+    def __init__(self, *, distill_cfg: DistillConfig, stage_index: int, groups: list[ResolvedGroup],
+                 ds_cfg: dict | None = None, **kwargs):
+        """``kwargs`` go to ``Trainer``; the stage's checkpoint and log callbacks are added to its ``callbacks``."""
+        start, end = distill_cfg.stage_bounds()[stage_index]
+        callbacks = [*(kwargs.pop("callbacks", None) or []), CheckpointCallback(end, stage_index), JsonlLogCallback()]
+        super().__init__(callbacks=callbacks, **kwargs)
+        self.distill_cfg, self.stage_index, self.groups, self.ds_cfg = distill_cfg, stage_index, groups, ds_cfg
+        self.stage, self.stage_start = distill_cfg.stages[stage_index], start
+        self._kd_sums = torch.zeros(3, dtype=torch.float64)  # ce sum, kl sum, micro-batches since the last log
+        self._tokens = 0
+        self._last_log_time = time.time()
+
+    # -- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        r, outputs = distill_loss(model, inputs, self.distill_cfg)
+        if model.training:
+            self._kd_sums += torch.tensor([float(r.ce), float(r.kl), 1.0], dtype=torch.float64)
+            self._tokens += inputs["input_ids"].numel()
+        return (r.loss, outputs) if return_outputs else r.loss
+
+    def _prepare_inputs(self, inputs):
+        # The Trainer casts floating inputs to the DeepSpeed dtype; the teacher's logsumexp (~10-20 nats) would
+        # lose ~0.05 in bf16, so the cached teacher values stay float32 and are only moved to the device.
+        return {k: v.to(self.args.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+    # -- optimizer and schedule, rebuilt per stage
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = apply_groups(self.model, self.groups)
+            betas = (self.args.adam_beta1, self.args.adam_beta2)
+            if offloads_optimizer(self.ds_cfg):
+                # ZeRO-Offload keeps fp32 states on the CPU: DeepSpeed's vectorised CPU Adam (JIT-built once).
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                self.optimizer = DeepSpeedCPUAdam(groups, lr=self.args.learning_rate, betas=betas,
+                                                  eps=self.args.adam_epsilon, adamw_mode=True)
+            else:
+                self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, betas=betas,
+                                                   eps=self.args.adam_epsilon)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        from transformers import get_scheduler
+
+        if self.lr_scheduler is None:
+            ratio = self.distill_cfg.warmup_ratio if self.stage.warmup_ratio is None else self.stage.warmup_ratio
+            self.lr_scheduler = get_scheduler(self.distill_cfg.lr_scheduler, optimizer=optimizer or self.optimizer,
+                                              num_warmup_steps=round(ratio * self.stage.steps),
+                                              num_training_steps=self.stage.steps)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # -- data order: sequential over DistillDataset (its order is already seeded)
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
+        # The stage's dataset holds exactly its own samples (one "epoch" = the stage), while step numbers stay
+        # global: a fresh stage starts at its first global step, a resumed one skips the batches it trained.
+        super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                                     trial)
+        if resume_from_checkpoint is None:
+            self.state.global_step = self.stage_start
+        return 0, (self.state.global_step - self.stage_start) * self.args.gradient_accumulation_steps
+
+    # -- logging: CE and KL separately, global tokens/s
+    def log(self, logs: dict, start_time=None):
+        if "loss" in logs:
+            sums = torch.cat([self._kd_sums, torch.tensor([float(self._tokens)], dtype=torch.float64)])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(sums)
+            now = time.time()
+            if sums[2] > 0:
+                logs["ce"] = round(float(sums[0] / sums[2]), 5)
+                logs["kl"] = round(float(sums[1] / sums[2]), 5)
+            logs["tokens_per_s"] = round(float(sums[3]) / max(now - self._last_log_time, 1e-9), 1)
+            # The Trainer's learning_rate is its first optimizer group's; "lr" is the run's base rate times the
+            # stage's schedule, the same whatever the groups' multipliers.
+            trained = [g for g in self.groups if not g.frozen]
+            if "learning_rate" in logs and trained:
+                factor = float(logs["learning_rate"]) / trained[0].lr
+                logs["lr"] = factor * self.distill_cfg.learning_rate
+            logs["stage"] = self.stage_index + 1
+            self._kd_sums.zero_()
+            self._tokens, self._last_log_time = 0, now
+        super().log(logs, start_time)
+
+
+class CheckpointCallback(TrainerCallback):
+    """Saves at the end of the stage; completes every checkpoint folder and marks it complete, last."""
+
+    def __init__(self, stage_end: int, stage_index: int):
+        self.stage_end, self.stage_index = stage_end, stage_index
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.stage_end:
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, model=None, **kw):
+        ckpt = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        barrier()  # every rank's DeepSpeed shards are on disk
+        if dist_info().is_main:
+            # The Trainer wrote model.safetensors + config.json (rank 0) and the tokenizer; a shared-core
+            # student also needs its modeling files (trust_remote_code) and statistics, like save_compressed.
+            finish_checkpoint(ckpt, model.config)
+            marker = {"step": state.global_step, "stage": self.stage_index + 1,
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            write_atomic(ckpt / CHECKPOINT_COMPLETE, json.dumps(marker) + "\n")
+        if os.environ.get(PROBE_ENV):
+            _probe(model, Path(args.output_dir), state.global_step)
+        barrier()  # the next stage (all ranks) may load this checkpoint
+        log_main("checkpoint %s complete", ckpt)
+        return control
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Rank 0 appends one line per logging step to ``<output>/train_log.jsonl``."""
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if state.is_world_process_zero and logs and "loss" in logs:
+            row = {"step": state.global_step, "stage": logs.get("stage"), "loss": logs.get("loss"),
+                   "ce": logs.get("ce"), "kl": logs.get("kl"), "lr": logs.get("lr", logs.get("learning_rate")),
+                   "grad_norm": logs.get("grad_norm"), "tokens_per_s": logs.get("tokens_per_s"),
+                   "time": round(time.time(), 3)}
+            with open(Path(args.output_dir) / LOG_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return control
+
+
+def _probe(model, output: Path, step: int) -> None:
+    """Test hook (PROBE_ENV): the in-training model's logits on fixed input ids, next to the checkpoint."""
+    ids = torch.load(output / "probe_input.pt")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+    model.train(was_training)
+    if dist_info().is_main:
+        torch.save(logits, output / f"probe-{step}.pt")
+
+
+# ------------------------------------------------------------------------------------- training arguments
+
+def _cpu_shims(bf16: bool, use_deepspeed: bool) -> dict:
+    """Workarounds for the Trainer + DeepSpeed on a GPU-less machine (measured); extra TrainingArguments kwargs."""
+    if torch.cuda.is_available():
+        return {}
+    import accelerate
+    import transformers.training_args as ta
+
+    if bf16:  # the bf16 check only knows GPUs; CPUs with avx512_bf16 train bf16
+        ta.is_torch_bf16_gpu_available = lambda *a, **k: True
+    if not use_deepspeed:
+        return {}
+    disable_deepspeed_shm_op()
+    # accelerate picks no backend without a GPU, so the Trainer would think the world size is 1.
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        accelerate.PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    return {"accelerator_config": {"use_configured_state": True}}
+
+
+def training_arguments(cfg: DistillConfig) -> TrainingArguments:
+    """The run's TrainingArguments: ``cfg.training_arguments()`` plus what this stage fixes (saving, logging, data).
+
+    Build them before the model: with a DeepSpeed config they make the HfDeepSpeedConfig that ZeRO-3
+    construction (``zero.Init``) needs.
+    """
+    extra = _cpu_shims(cfg.bf16, use_deepspeed=cfg.deepspeed is not None)
+    report = [] if cfg.report_to in ("none", "") else [cfg.report_to]
+    return TrainingArguments(
+        output_dir=cfg.output, **cfg.training_arguments(), data_seed=cfg.seed,
+        logging_first_step=True, save_strategy="steps", deepspeed=cfg.deepspeed, report_to=report or "none",
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        run_name=cfg.run_name or Path(cfg.output).resolve().name, remove_unused_columns=False, **extra)
