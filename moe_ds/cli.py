@@ -84,13 +84,16 @@ def build_parser(cls, description: str | None = None, exclude: tuple[str, ...] =
         else:
             shadow_fields.append((f.name, hint | None, dataclasses.field(default=None, metadata={"help": text})))
     shadow = dataclasses.make_dataclass(cls.__name__, shadow_fields)
-    parser = HfArgumentParser(shadow, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = HfArgumentParser(shadow, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              allow_abbrev=False)  # "--group" must not silently mean "--groups"
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the launcher
     if config_file:
         parser.add_argument("--config", metavar="FILE", help="JSON/YAML file of settings (defaults < file < flags)")
     for action in parser._actions:  # absent options stay absent: a file's value must not meet a default
         if action.dest != "help":
             action.default = argparse.SUPPRESS
+        if action.nargs in ("+", "*") and type(action) is argparse._StoreAction:
+            action.__class__ = argparse._ExtendAction  # "--groups a --groups b" keeps both
         if action.option_strings and action.option_strings[0].startswith("--no_"):
             action.help = f"turn --{action.dest.replace('_', '-')} off"
     return parser

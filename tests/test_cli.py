@@ -40,6 +40,10 @@ def test_types_flags_and_defaults():
     assert parse_config(ToyConfig, ["--model=m"]) == ToyConfig("m")
     with pytest.raises(SystemExit):
         parse_config(ToyConfig, ["--model", "m", "--init", "spec"])  # not a choice
+    # a repeated list option adds to the list; an abbreviation is not another option's name
+    assert parse_config(ToyConfig, ["--model", "m", "--layers", "1", "--layers", "2", "3"]).layers == [1, 2, 3]
+    with pytest.raises(SystemExit):
+        parse_config(ToyConfig, ["--model", "m", "--layer", "1"])
 
 
 def test_precedence_defaults_file_flags(tmp_path):
@@ -60,3 +64,25 @@ def test_errors_are_one_line_and_exit_2(capsys):
     assert err == "toy: error: settings: ratio must be in (0, 1], got 2.0\n"
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         run("toy", lambda: 1 / 0)
+
+
+def test_full_disk_and_interrupt_are_one_line(capsys):
+    import errno
+
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/model.safetensors")
+
+    def full_in_rust():  # safetensors reports the errno only in its message
+        raise RuntimeError("Error while serializing: I/O error: File too large (os error 27)")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run("toy", full) == 2 and run("toy", full_in_rust) == 2 and run("toy", interrupted) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "toy: error: No space left on device writing /out/model.safetensors; free space and rerun the same command "
+        "to resume",
+        "toy: error: File too large writing the output; free space and rerun the same command to resume",
+        "toy: interrupted; rerun the same command to resume"]
+    with pytest.raises(PermissionError):  # other OS errors are not disk space
+        run("toy", lambda: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")))
