@@ -117,6 +117,8 @@ class SharedCoreExperts(nn.Module):
         self.hidden_act = hidden_act
         self.act_fn = ACT2FN[hidden_act]
         self.init_std = init_std
+        self.implementation = "auto"  # experts kernel: "auto", "grouped" or "loop" (see forward)
+        self._products, self._products_key = None, None  # cached core_products (no-grad forwards only)
         kw = {"dtype": dtype, "device": device}
         for p in PROJECTIONS:
             d_out, d_in = self.projection_shape(p)
@@ -217,33 +219,126 @@ class SharedCoreExperts(nn.Module):
         """Fused dense weights in the transformers >= 5 layout: gate_up_proj [E, 2I, d], down_proj [E, d, I]."""
         return torch.cat([self.reconstruct("gate"), self.reconstruct("up")], dim=1), self.reconstruct("down")
 
+    def core_products(self) -> dict[str, torch.Tensor]:
+        """The per-forward products every routed row reuses: (C U_in)ᵀ [E, r, I] for gate and up, (V_outᵀ C)ᵀ
+        [E, I, r] for down (absent where the rank is 0). E·d·I·Σr MACs, so at T = 1 (decoding) they would cost
+        far more than the tokens: while no gradient is needed they are cached, keyed to the parameters'
+        storage and version counters, so any load, optimizer step or in-place edit recomputes them."""
+        params = [getattr(self, f"{p}_{n}") for p in PROJECTIONS for n in ("core", "u_in", "v_out")]
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in params)
+        if not needs_grad and self._products_key == key:
+            return self._products
+        products = {p: torch.matmul(getattr(self, f"{p}_u_in").mT, getattr(self, f"{p}_core").t())
+                    for p in ("gate", "up") if self.ranks[p] > 0}
+        if self.ranks["down"] > 0:
+            products["down"] = torch.matmul(self.down_core.t(), self.down_v_out)
+        if needs_grad:
+            self._products, self._products_key = None, None
+        else:
+            self._products, self._products_key = {p: t.detach() for p, t in products.items()}, key
+        return products
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         """Same contract as the transformers experts modules.
 
         Args:
             hidden_states: [T, d].
-            top_k_index: [T, k] int64 expert ids; ids >= E (dropped slots) are ignored.
+            top_k_index: [T, k] int64 expert ids; ids outside [0, E) (dropped slots) are ignored.
             top_k_weights: [T, k] routing weights.
 
         Returns:
             [T, d] = Σ_j w_tj · Ŵ_down,e (act(Ŵ_gate,e x_t) ⊙ Ŵ_up,e x_t), e = top_k_index[t, j].
+
+        ``self.implementation`` picks the kernel: "grouped" (``torch.nn.functional.grouped_mm`` over the rows
+        sorted by expert: a fixed number of ops whatever E is), "loop" (one Python iteration per expert, any
+        dtype and device) or "auto" (grouped on accelerators whose kernel supports the dtype and layout, the
+        loop on CPUs, where it is faster).
         """
+        x = hidden_states.to(self.gate_core.dtype)
+        if self._use_grouped(x):
+            out = self._forward_grouped(x, top_k_index, top_k_weights)
+        else:
+            out = self._forward_loop(x, top_k_index, top_k_weights)
+        return out.to(hidden_states.dtype)
+
+    def _use_grouped(self, x: torch.Tensor) -> bool:
+        if self.implementation == "loop":
+            return False
+        ok = hasattr(F, "grouped_mm") and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        if ok and x.device.type == "cuda":  # CUDA kernels: bf16, compute capability 8.0 or newer
+            ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        # strides must be multiples of 16 bytes (ranks are padded to that; d and I are not)
+        ok = ok and all(n * x.element_size() % 16 == 0 for n in (self.hidden_dim, self.intermediate_dim))
+        if self.implementation == "grouped":
+            if not ok:
+                raise RuntimeError(f"grouped experts need torch.nn.functional.grouped_mm for {x.dtype} on "
+                                   f"{x.device.type} with d, I multiples of 16 bytes; use implementation='loop'")
+            return True
+        # auto: on a CPU the loop is faster (each expert's rows stay in cache; measured in bench/experts_forward.py),
+        # on an accelerator the fixed op count wins (one kernel launch per product instead of E)
+        return ok and x.device.type != "cpu"
+
+    def _forward_grouped(self, x: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+        """All experts at once: the T·k (token, slot) rows sorted by expert, each low-rank product one grouped
+        GEMM. Dropped slots go to expert 0 with weight 0 (exact, and no row is left to the kernel's unwritten
+        tail); the rows are summed per token in a fixed order (deterministic, unlike index_add on CUDA)."""
         num_tokens, top_k = top_k_index.shape
-        dtype = self.gate_core.dtype
-        x = hidden_states.to(dtype)
+        flat = top_k_index.reshape(-1)
+        valid = (flat >= 0) & (flat < self.num_experts)
+        sorted_ids, order = torch.sort(torch.where(valid, flat, 0), stable=True)
+        offs = torch.bincount(sorted_ids, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        token = order // top_k
+        weight = (top_k_weights.reshape(-1) * valid)[order].unsqueeze(1).to(x.dtype)  # [N, 1]
+        align = 16 // x.element_size()
+        pad = {p: -self.ranks[p] % align for p in PROJECTIONS}
+
+        def gmm(a, b, proj, pad_dim):  # a [N, K] @ b[e] for its group; the rank dimension of b padded with zeros
+            if pad[proj]:
+                b = F.pad(b, (0, pad[proj]) if pad_dim == -1 else (0, 0, 0, pad[proj]))
+            return F.grouped_mm(a, b, offs=offs)
+
+        products = self.core_products()
+        x_rows = x[token]
+        z = {}
+        for p in ("gate", "up"):
+            y = F.linear(x, getattr(self, f"{p}_core"))[token]  # C x once per token, then per row
+            if self.ranks[p] > 0:
+                y = y + gmm(gmm(x_rows, getattr(self, f"{p}_v_in"), p, -1), products[p], p, -2)
+                y = y + gmm(gmm(y, getattr(self, f"{p}_v_out"), p, -1), getattr(self, f"{p}_u_out").mT, p, -2)
+            z[p] = y
+        g = self.act_fn(z["gate"]) * z["up"]  # [N, I]
+        if self.ranks["down"] > 0:
+            g = g + gmm(gmm(g, self.down_v_in, "down", -1), self.down_u_in.mT, "down", -2)
+        if x.device.type == "cpu":  # index_add is deterministic on the CPU and reads each row once
+            def per_token(rows):
+                return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, token, rows)
+        else:  # CUDA's index_add uses atomics (run-to-run noise): gather back to (token, slot) order and sum
+            unsort = torch.argsort(order)
+
+            def per_token(rows):
+                return rows[unsort].view(num_tokens, top_k, -1).sum(1)
+        out = F.linear(per_token(g * weight), self.down_core)  # the down core once per token on Σ_j w_j g_j
+        if self.ranks["down"] > 0:
+            correction = gmm(gmm(g, products["down"], "down", -1) * weight, self.down_u_out.mT, "down", -2)
+            out = out + per_token(correction)
+        return out
+
+    def _forward_loop(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """One Python iteration per expert (the reference; any dtype and device)."""
+        num_tokens, top_k = top_k_index.shape
+        dtype = x.dtype
         r_down = self.ranks["down"]
-
-        # Once per forward: the core products that every routed row of an expert reuses.
+        products = self.core_products()
         cx = {p: F.linear(x, getattr(self, f"{p}_core")) for p in ("gate", "up")}  # C x, once per token [T, I]
-        core_u_in_t = {p: torch.matmul(getattr(self, f"{p}_u_in").transpose(1, 2), getattr(self, f"{p}_core").t())
-                       for p in ("gate", "up") if self.ranks[p] > 0}  # (C U_in)ᵀ [E, r, I]
-        if r_down > 0:
-            v_out_core_t = torch.matmul(self.down_core.t(), self.down_v_out)  # (V_outᵀ C)ᵀ [E, I, r]
 
-        # Group the T·k (token, slot) pairs by expert; ids >= E sort last and are dropped. One gather each
-        # for x and C x (per-expert gathers would each cost a [T, d] zero-fill in the backward pass).
+        # Group the T·k (token, slot) pairs by expert; dropped ids sort last. One gather each for x and C x
+        # (per-expert gathers would each cost a [T, d] zero-fill in the backward pass).
         flat_expert = top_k_index.reshape(-1)
+        flat_expert = torch.where((flat_expert >= 0) & (flat_expert < self.num_experts), flat_expert,
+                                  self.num_experts)
         counts = torch.bincount(flat_expert, minlength=self.num_experts + 1)[: self.num_experts].tolist()
         order = torch.argsort(flat_expert, stable=True)[: sum(counts)]
         token = order // top_k
@@ -253,12 +348,12 @@ class SharedCoreExperts(nn.Module):
 
         # Per-expert views via unbind: indexing a parameter as p[e] would cost a full [E, ...] zero-fill per
         # expert in the backward pass, unbind's backward stacks the E gradients once.
-        wraps = {p: {"v_in": getattr(self, f"{p}_v_in").unbind(0), "core_u_in_t": core_u_in_t[p].unbind(0),
+        wraps = {p: {"v_in": getattr(self, f"{p}_v_in").unbind(0), "core_u_in_t": products[p].unbind(0),
                      "v_out": getattr(self, f"{p}_v_out").unbind(0), "u_out_t": getattr(self, f"{p}_u_out").mT.unbind(0)}
                  for p in ("gate", "up") if self.ranks[p] > 0}
         if r_down > 0:
             down = {"v_in": self.down_v_in.unbind(0), "u_in_t": self.down_u_in.mT.unbind(0),
-                    "v_out_core_t": v_out_core_t.unbind(0), "u_out_t": self.down_u_out.mT.unbind(0)}
+                    "v_out_core_t": products["down"].unbind(0), "u_out_t": self.down_u_out.mT.unbind(0)}
 
         mixed = x.new_zeros(num_tokens, self.intermediate_dim)  # Σ_j w_j g_j, the down core's input
         correction = x.new_zeros(num_tokens, self.hidden_dim)  # Σ_j w_j U_out (V_outᵀ C g_j)
@@ -277,7 +372,7 @@ class SharedCoreExperts(nn.Module):
                 g = g + (g @ down["v_in"][e]) @ down["u_in_t"][e]  # (I + U_in V_inᵀ) h
                 correction.index_add_(0, token_e, ((g @ down["v_out_core_t"][e]) * w) @ down["u_out_t"][e])
             mixed.index_add_(0, token_e, g * w)
-        return (F.linear(mixed, self.down_core) + correction).to(hidden_states.dtype)
+        return F.linear(mixed, self.down_core) + correction
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
