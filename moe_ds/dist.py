@@ -3,8 +3,7 @@
 Every stage runs under the DeepSpeed launcher (``deepspeed --include localhost:0,1 ...``) or as one plain
 process. On a CPU-only machine DeepSpeed picks its CPU accelerator and the gloo backend by itself; its
 ``build_shm_op`` JIT-builds a shared-memory all-reduce op (30-45 s) and leaves a 66 MiB file per rank in
-/dev/shm that is never removed, which no stage needs, so it is disabled before init
-(see ../shared/CPU_DEEPSPEED.md and tests/test_dist.py).
+/dev/shm that is never removed, which no stage needs, so it is disabled before init.
 """
 
 import logging

@@ -17,7 +17,7 @@ import yaml
 
 from .checkpoint import STATISTICS_FILE, load_model
 from .evaluate import BASELINE_DIR, flat_metrics, read_results, results_dir
-from .run_layout import checkpoint_step, complete_checkpoints
+from .run_layout import checkpoint_step, complete_checkpoints, save_figure_atomic, write_atomic, write_json_atomic
 from .toy_teacher import RECORD as TEACHER_RECORD
 from .toy_teacher import heldout_perplexity
 
@@ -122,8 +122,8 @@ def build_report(cfg: ReportConfig) -> dict:
         "stage_seconds": ({name: float(sec) for name, sec in map(str.split, seconds_file.read_text().splitlines())}
                           if seconds_file.is_file() else {}),
     }
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (run_dir / "report.md").write_text(report_markdown(report))
+    write_json_atomic(run_dir / "report.json", report)
+    write_atomic(run_dir / "report.md", report_markdown(report))
     _plot(report, run_dir / "report.png", distill / "train_log.jsonl")
     return report
 
@@ -204,5 +204,5 @@ def _plot(r: dict, path: Path, train_log: Path) -> None:
         ax.set(xlabel="step", title="training loss (train_log.jsonl)")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path)
     plt.close(fig)

@@ -8,6 +8,7 @@ Every file or folder another process may read is written atomically through ``at
 """
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -74,7 +75,11 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
             tmp.write_bytes(data)
 
 
-write_text_atomic = write_atomic  # the earlier name, still used by the distillation and evaluation stages
+def save_figure_atomic(fig, path: str | Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG atomically (rendered in memory, then ``write_atomic``)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write_atomic(path, buf.getvalue())
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe_ds.run_layout import atomic_file, atomic_output_dir, write_atomic, write_json_atomic, write_text_atomic
+from moe_ds.run_layout import atomic_file, atomic_output_dir, write_atomic, write_json_atomic
 
 
 def test_write_atomic_text_bytes_and_json(tmp_path):
     write_atomic(tmp_path / "a.txt", "héllo\n")
     write_atomic(tmp_path / "b.bin", b"\x00\x01")
-    write_text_atomic(tmp_path / "a.txt", "again")  # the earlier name still works
+    write_atomic(tmp_path / "a.txt", "again")  # replaces the finished file
     write_json_atomic(tmp_path / "c.json", {"x": 1})
     assert (tmp_path / "a.txt").read_text() == "again"
     assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"

@@ -12,6 +12,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..run_layout import write_atomic
+
 TEMPLATES = Path(__file__).resolve().parent
 UTILS = "eval_task_utils.py"
 PERPLEXITY = "perplexity"  # user-facing name of the local-file perplexity task
@@ -34,12 +36,6 @@ DATA_DIR_TASKS = {
 PERPLEXITY_TASK = LocalTask("moe_ds_perplexity", "moe_ds_perplexity.yaml", ())
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def render_local_tasks(out_dir: str | Path, data_dir: str | Path | None = None,
                        text_file: str | Path | None = None) -> dict[str, str]:
     """Write the local task YAMLs with absolute paths into ``out_dir``.
@@ -47,7 +43,7 @@ def render_local_tasks(out_dir: str | Path, data_dir: str | Path | None = None,
     Args:
         out_dir: folder to hold the rendered YAMLs and ``eval_task_utils.py``; give it to
             ``TaskManager(include_path=out_dir)``.
-        data_dir: folder laid out as ../shared/data (``wikitext2_raw_test_docs.jsonl``, ``arc_easy/``,
+        data_dir: folder laid out like the evaluation data folder (``wikitext2_raw_test_docs.jsonl``, ``arc_easy/``,
             ``piqa/``); when given, ``wikitext``, ``arc_easy`` and ``piqa`` map to local tasks.
         text_file: a ``.jsonl``/``.json`` file of records with a ``text`` (or ``page``) field, or a ``.txt``
             file (one document per blank-line-separated paragraph); when given, ``perplexity`` maps to it.
@@ -71,7 +67,7 @@ def render_local_tasks(out_dir: str | Path, data_dir: str | Path | None = None,
             if missing:
                 raise FileNotFoundError(f"--data-dir {data_dir} lacks {missing} needed by the local '{name}' task")
             text = (TEMPLATES / task.template).read_text(encoding="utf-8").replace("@DATA_DIR@", data_dir.as_posix())
-            _write(out_dir / task.template, text)
+            write_atomic(out_dir / task.template, text)
             names[name] = task.lm_eval_name
     if text_file is not None:
         text_file = Path(text_file).resolve()
@@ -88,6 +84,6 @@ def render_local_tasks(out_dir: str | Path, data_dir: str | Path | None = None,
         text = (TEMPLATES / PERPLEXITY_TASK.template).read_text(encoding="utf-8")
         text = text.replace("@BUILDER@", builder).replace("@TEXT_FILE@", text_file.as_posix())
         text = text.replace("@EXTRA_KWARGS@\n", extra + "\n" if extra else "")
-        _write(out_dir / PERPLEXITY_TASK.template, text)
+        write_atomic(out_dir / PERPLEXITY_TASK.template, text)
         names[PERPLEXITY] = PERPLEXITY_TASK.lm_eval_name
     return names
