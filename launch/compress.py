@@ -19,6 +19,8 @@ from moe_ds.compress import CompressConfig, CompressError, compress
 from moe_ds.dist import setup_logging
 from moe_ds.run_layout import OutputError
 
+ERRORS = (CompressError, CheckpointError, UnsupportedModelError, OutputError)
+
 
 def main(argv=None) -> None:
     cfg = parse_config(CompressConfig, argv, description=__doc__)
@@ -27,4 +29,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run("compress", main, errors=(CompressError, CheckpointError, UnsupportedModelError, OutputError)))
+    sys.exit(run("compress", main, errors=ERRORS))

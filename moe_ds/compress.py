@@ -270,9 +270,12 @@ def compress(cfg: CompressConfig) -> Path:
     if not (model_dir / "config.json").is_file():
         raise CompressError(f"{model_dir} has no config.json: not a model directory")
     try:
+        json.loads((model_dir / "config.json").read_text())
         model_config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError) as err:  # unparsable config.json, unknown model_type
-        raise CompressError(f"{model_dir / 'config.json'}: cannot read the model config ({err})") from err
+    except json.JSONDecodeError as err:
+        raise CompressError(f"{model_dir / 'config.json'} is not valid JSON ({err})") from err
+    except (OSError, ValueError) as err:  # e.g. a model_type this transformers does not know
+        raise CompressError(f"{model_dir / 'config.json'}: {err}") from err
     arch = get_architecture(model_config.model_type)
     reader = ExpertReader(model_dir, model_config)
     e = reader.num_experts
