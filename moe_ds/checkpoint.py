@@ -365,15 +365,12 @@ def export_dense(model_or_path: PreTrainedModel | str | Path, out_dir: str | Pat
     if not isinstance(model_or_path, PreTrainedModel):
         path = Path(model_or_path)
         model = load_compressed(path, dtype="auto")
-        if tokenizer is None and (path / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer is None:  # copied as files: loading it would ask to trust the folder's remote code
+            tokenizer = path
     else:
         model = model_or_path
     dense = to_dense_model(model)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         dense.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        finish_checkpoint(tmp, dense.config, tokenizer=tokenizer)
     return Path(out_dir)

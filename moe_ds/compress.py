@@ -139,6 +139,14 @@ class ExpertReader:
         self.arch = get_architecture(config.model_type)
         self.num_experts = int(getattr(config, self.arch.num_experts_key))
         self.weight_map = read_weight_map(self.model_dir)
+        quantized = getattr(config, "quantization_config", None) or {}
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method",
+                                                                                         None)
+        scales = [key for key in self.weight_map if key.endswith("weight_scale_inv")]
+        if method or scales:  # e.g. DeepSeek-V3's block-wise FP8 checkpoints
+            raise CompressError(f"{self.model_dir} stores quantized weights (quant_method={method!r}, "
+                                f"{len(scales)} *weight_scale_inv tensors); the fit needs the experts in "
+                                f"bf16/fp16/fp32: dequantize the checkpoint first")
         self.layers = sorted(layer for layer in range(int(config.num_hidden_layers))
                              if self.arch.expert_key(layer, 0, "gate") in self.weight_map)
         if not self.layers:

@@ -3,11 +3,14 @@ writes nothing. Each case runs the launcher's own ``main`` through ``moe_ds.cli.
 does (tests/test_launchers.py checks the same through real processes)."""
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 import pytest
+import torch
 import transformers as T
+from safetensors.torch import load_file, save_file
 
 from conftest import REPO, tiny_model
 from moe_ds.cli import run
@@ -36,6 +39,13 @@ def models(tmp_path_factory) -> Path:
     (root / "no_weights" / "config.json").write_bytes((root / "moe" / "config.json").read_bytes())
     (root / "bad_config").mkdir()
     (root / "bad_config" / "config.json").write_text("{not json")
+    (root / "fp8").mkdir()  # a DeepSeek-V3-style block-wise FP8 checkpoint, in miniature
+    config = json.loads((root / "moe" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (root / "fp8" / "config.json").write_text(json.dumps(config))
+    tensors = load_file(root / "moe" / "model.safetensors")
+    tensors["model.layers.0.mlp.experts.0.gate_proj.weight_scale_inv"] = torch.ones(1, 1)
+    save_file(tensors, root / "fp8" / "model.safetensors")
     (root / "empty").mkdir()
     (root / "a_file").write_text("not a folder")
     return root
@@ -58,6 +68,9 @@ COMPRESS = {
     "corrupted safetensors": (["{m}/corrupted", "--rank", "2"], "{m}/corrupted/model.safetensors is not a readable "
                               "safetensors file (Error while deserializing header: header too large); it may be "
                               "truncated or corrupted: re-download or re-save it"),
+    "FP8 checkpoint": (["{m}/fp8", "--rank", "2"], "{m}/fp8 stores quantized weights (quant_method='fp8', 1 "
+                       "*weight_scale_inv tensors); the fit needs the experts in bf16/fp16/fp32: dequantize the "
+                       "checkpoint first"),
     "negative rank": (["{m}/moe", "--rank", "-1"], "rank must be >= 0, got -1"),
     "rank and ratio": (["{m}/moe", "--rank", "2", "--target-ratio", "0.3"],
                        "give exactly one of rank and target_ratio (got rank=2, target_ratio=0.3)"),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers as T
 from safetensors.torch import load_file, save_file
 
 from conftest import FAMILIES, tiny_model
@@ -209,3 +210,18 @@ def test_stock_lm_eval_cli_evaluates_a_compressed_checkpoint(tmp_path, tiny_toke
     cli = json.loads(next((tmp_path / "cli").rglob("results_*.json")).read_text())["results"][tasks["perplexity"]]
     assert cli["word_perplexity,none"] == pytest.approx(ours["word_perplexity"], rel=1e-5)
     assert cli["word_perplexity,none"] > 1
+
+
+def test_export_dense_copies_the_tokenizer_without_asking_to_trust_remote_code(tmp_path, tiny_tokenizer, monkeypatch):
+    model = compress_model(tiny_model("qwen3_moe", vocab_size=len(tiny_tokenizer)), RANKS)
+    save_compressed(model, tmp_path / "c", tokenizer=tiny_tokenizer)
+    tok_cfg = tmp_path / "c" / "tokenizer_config.json"  # as many Hub tokenizers: the class comes from config.json
+    tok_cfg.write_text(json.dumps({k: v for k, v in json.loads(tok_cfg.read_text()).items() if k != "tokenizer_class"}))
+
+    def no_prompt(*args):
+        raise AssertionError("export_dense asked a question")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    export_dense(tmp_path / "c", tmp_path / "dense")
+    assert (tmp_path / "dense" / "tokenizer.json").read_bytes() == (tmp_path / "c" / "tokenizer.json").read_bytes()
+    assert T.AutoTokenizer.from_pretrained(tmp_path / "dense").encode("def f(x):") == tiny_tokenizer.encode("def f(x):")

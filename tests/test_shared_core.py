@@ -268,3 +268,15 @@ def test_cuda_bfloat16_uses_the_grouped_kernel_and_matches_the_loop():
     assert (out.float() - ref.float()).norm() <= 2e-2 * ref.float().norm()
     m.implementation = "auto"
     assert compute_ops(m, x, idx, w) <= 60
+
+
+@pytest.mark.gpu
+def test_mean_start_on_cuda_draws_the_same_values_as_on_cpu():
+    """Only a GPU can show this: a CPU generator with CUDA weights (from_dense, compress_model) neither fails nor
+    changes the drawn V."""
+    gate_up, down = torch.randn(4, 16, 8), torch.randn(4, 8, 8)
+    ranks = {"gate": 2, "up": 2, "down": 2}
+    cpu = SharedCoreExperts.from_dense(gate_up, down, ranks, generator=torch.Generator().manual_seed(3))
+    gpu = SharedCoreExperts.from_dense(gate_up.cuda(), down.cuda(), ranks, generator=torch.Generator().manual_seed(3))
+    for (name, a), b in zip(cpu.state_dict().items(), gpu.state_dict().values()):
+        torch.testing.assert_close(a, b.cpu(), msg=name)
