@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt pyproject.toml .ci/bootstrap_venv.sh
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml .ci/bootstrap_venv.sh
 	bash .ci/bootstrap_venv.sh $(VENV)
 
 test: venv

@@ -41,7 +41,10 @@ def disable_deepspeed_shm_op() -> None:
     """
     import deepspeed.comm.torch  # noqa: F401
 
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    from .compat import require
+
+    if require("deepspeed.comm.torch.build_shm_op", strict=False):  # else: nothing left to disable
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
 def init_distributed() -> DistInfo:
