@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo bench clean-venv
+.PHONY: venv test test-fast demo bench gpu-check clean-venv
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ test-fast: venv
 
 demo: venv
 	bash launch/demo.sh
+
+# On a GPU node: the four stages on a tiny model with NCCL on every visible GPU, one PASS/FAIL line per stage
+# (about a minute; on a machine without GPUs the same path runs on 2 CPU ranks with gloo).
+gpu-check: venv
+	bash launch/gpu_check.sh
 
 # Every benchmark, each printing its side-by-side table (long: ~1 h on 2 CPU cores; minutes on a GPU).
 bench: venv
