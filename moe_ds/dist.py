@@ -58,14 +58,41 @@ def init_distributed() -> DistInfo:
             disable_deepspeed_shm_op()
         import deepspeed
 
+        if torch.cuda.is_available():  # NCCL uses the current device: each rank its own
+            torch.cuda.set_device(info.local_rank)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return info
 
 
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def collective_device() -> torch.device:
+    """Where tensors handed to a collective must live: the rank's GPU under NCCL (it has no CPU backend),
+    the CPU under gloo."""
+    if _initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
-    """Barrier across ranks; a no-op without a process group."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    """Barrier across ranks (on the rank's own GPU under NCCL); a no-op without a process group."""
+    if _initialized():
+        device = collective_device()
+        torch.distributed.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over ranks, computed on ``collective_device()``, returned on ``tensor``'s device and
+    dtype (a copy; the input is unchanged). Without a process group: a copy of ``tensor``.
+
+    The only way moe-ds reduces across ranks, so that no CPU tensor ever reaches NCCL.
+    """
+    out = tensor.to(collective_device(), copy=True)
+    if _initialized():
+        torch.distributed.all_reduce(out)
+    return out.to(tensor.device)
 
 
 def device_for(info: DistInfo) -> torch.device:
