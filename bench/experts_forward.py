@@ -14,13 +14,15 @@ Goal (issue #2): at T = 8192 and r = 64 at least 2× faster than the original; a
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 import transformers as T
+from common import print_header
 
+from moe_ds.checkpoint import shared_core_config
 from moe_ds.shared_core import SharedCoreExperts
 from moe_ds.stats import compression_statistics
-from moe_ds.checkpoint import shared_core_config
 
 
 def skewed_routing(tokens: int, num_experts: int, top_k: int, seed: int = 0):
@@ -32,6 +34,19 @@ def skewed_routing(tokens: int, num_experts: int, top_k: int, seed: int = 0):
     idx = torch.topk(logits + gumbel, top_k, dim=-1).indices
     w = torch.softmax(torch.gather(logits, 1, idx), dim=-1)
     return idx, w
+
+
+def run_pass(module, pass_name: str, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
+    """One forward ("fwd") or forward + backward of ``module`` on tokens x [T, d], routing idx and w [T, k]."""
+    if pass_name == "fwd":
+        with torch.no_grad():
+            module(x, idx, w)
+    else:
+        xg = x.detach().requires_grad_()
+        module(xg, idx, w).float().square().mean().backward()
+        module.zero_grad(set_to_none=True)
+    if x.is_cuda:
+        torch.cuda.synchronize()
 
 
 def time_call(fn, repeats: int) -> float:
@@ -59,6 +74,7 @@ def main():
     ap.add_argument("--stock-kernels", nargs="+", default=["grouped_mm"],
                     help="transformers experts kernels to time (add 'eager' for its per-expert loop)")
     args = ap.parse_args()
+    print_header("shared-core experts vs stock transformers experts, Qwen3-30B-A3B layer shape")
     if args.threads:
         torch.set_num_threads(args.threads)
     e, d, i, k = args.experts, args.hidden, args.intermediate, args.top_k
@@ -98,22 +114,11 @@ def main():
             load = torch.bincount(idx.flatten(), minlength=e).float()
             print(f"# T={tokens} {dtype_name}: expert load max/mean = {(load.max() / load.mean()).item():.2f}")
             for pass_name in args.passes:
-                def run(module):
-                    if pass_name == "fwd":
-                        with torch.no_grad():
-                            module(x, idx, w)
-                    else:
-                        xg = x.detach().requires_grad_()
-                        module(xg, idx, w).float().square().mean().backward()
-                        module.zero_grad(set_to_none=True)
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-
                 baseline = None
                 for impl in args.stock_kernels:
                     cfg._experts_implementation = impl
                     try:
-                        t = time_call(lambda: run(stock), args.repeats)
+                        t = time_call(partial(run_pass, stock, pass_name, x, idx, w), args.repeats)
                     except RuntimeError as err:  # a kernel that does not support this dtype/device
                         print(f"| {tokens} | {dtype_name} | {pass_name} | stock ({impl}) | - | n/a: {str(err)[:60]} | | |")
                         continue
@@ -122,7 +127,7 @@ def main():
                 for r, m in ours.items():
                     stats = compression_statistics(
                         shared_core_config(cfg, {"gate": r, "up": r, "down": r}), tokens_per_forward=tokens)
-                    t = time_call(lambda: run(m), args.repeats)
+                    t = time_call(partial(run_pass, m, pass_name, x, idx, w), args.repeats)
                     print(f"| {tokens} | {dtype_name} | {pass_name} | shared-core | {r} | {t * 1e3:.0f} | "
                           f"{t / baseline:.2f} | {stats['expert_macs_per_token']['ratio']:.2f} |", flush=True)
     print("# 'time vs stock' divides by the fastest stock kernel timed.")

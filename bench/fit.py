@@ -14,6 +14,7 @@ import argparse
 import time
 
 import torch
+from common import print_header
 
 from moe_ds.fit import FitConfig, eckart_young_error, fit_projection
 
@@ -47,6 +48,7 @@ def main():
     ap.add_argument("--layer", type=int, default=0)
     ap.add_argument("--proj", default="gate", choices=["gate", "up", "down"])
     args = ap.parse_args()
+    print_header("zero-shot fit: relative error vs steps for the mean and svd starts, beside the SVD bound")
     if args.model:
         from transformers import AutoConfig
 

@@ -1,8 +1,17 @@
-"""Peak memory and time of the chunked top-k KD loss against a dense full-vocabulary KL, side by side.
+"""Peak memory and time of the top-k KD loss chunked and unchunked, and of a dense full-vocabulary KL, side by side.
 
     .venv/bin/python bench/kd_loss.py                       # V = 151,936 (Qwen3), 4096 positions, k = 64, bf16 logits
     .venv/bin/python bench/kd_loss.py --positions 1024 --dtype float32 --k 16
 
+Three methods, each for every tail mode of ``moe_ds.kd_loss.TAIL_MODES`` where it has one:
+
+- chunked: ``chunked_kd_loss`` with ``--chunk`` positions at a time (what distillation runs);
+- unchunked: the same function and maths in one chunk (``chunk_size`` = all positions), the baseline for what
+  chunking saves;
+- dense: ``full_vocab_kd_loss`` with the teacher's full float32 logits, the baseline for what caching only the
+  top-k saves.
+
+Two ratios separate the claims: chunked / unchunked (chunking) and unchunked / dense (the top-k cache).
 Each method runs forward + backward in its own process (so peaks do not mix). "extra peak" is the process's
 peak resident memory minus its resident memory once the student logits (and, for top-k, the cached top-k
 arrays) exist: for the dense KL it includes the teacher's full [positions, V] float32 logits, which is exactly
@@ -17,12 +26,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import print_header
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_ds.kd_loss import chunked_kd_loss, full_vocab_kd_loss  # noqa: E402
+from moe_ds.kd_loss import TAIL_MODES, chunked_kd_loss, full_vocab_kd_loss
 
 GIB = 1024 ** 3
 
@@ -43,6 +51,7 @@ def _fill_randn(t: torch.Tensor, scale: float, gen: torch.Generator, rows: int =
 
 
 def worker(a) -> dict:
+    """One method (``a.method``: "dense" or "topk" with ``a.tail`` and ``a.chunk``) in this process."""
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     gen = torch.Generator().manual_seed(0)
@@ -52,7 +61,7 @@ def worker(a) -> dict:
     _fill_randn(logits, 2.0, gen)
     logits = logits.to(dev).view(1, n, v).requires_grad_(True)
     labels = torch.randint(0, v, (1, n), generator=gen).to(dev)
-    if a.method != "dense":
+    if a.method == "topk":
         # What the cache holds: top-k ids and logits plus the log-partition, [n, k] and [n].
         topk_ids = torch.stack([torch.randperm(v, generator=gen)[:a.k] for _ in range(8)]).repeat(n // 8 + 1, 1)[:n]
         topk_ids = topk_ids.to(dev).view(1, n, a.k)
@@ -76,19 +85,20 @@ def worker(a) -> dict:
             r = full_vocab_kd_loss(logits, labels, teacher, alpha=0.9, temperature=2.0)
         else:
             r = chunked_kd_loss(logits, labels, topk_ids, topk_logits, lse, alpha=0.9, temperature=2.0,
-                                tail=a.method, chunk_size=a.chunk)
+                                tail=a.tail, chunk_size=a.chunk)
         r.loss.backward()
         if dev.type == "cuda":
             torch.cuda.synchronize()
+        return r.loss.item()
 
     times = []
-    for i in range(a.repeats + 1):  # noqa: B007
+    for i in range(a.repeats + 1):
         t0 = time.perf_counter()
-        step()
+        loss = step()
         if i:  # the first run is a warm-up (page faults, allocator)
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _maxrss()
-    return {"method": a.method, "time_s": statistics.median(times), "extra_peak_gib": (peak - base) / GIB,
+    return {"time_s": statistics.median(times), "extra_peak_gib": (peak - base) / GIB, "loss": loss,
             "logits_gib": logits.numel() * logits.element_size() / GIB}
 
 
@@ -97,39 +107,60 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--positions", type=int, default=4096)
     p.add_argument("--k", type=int, default=64)
-    p.add_argument("--chunk", type=int, default=512, help="positions per chunk of the top-k loss")
+    p.add_argument("--chunk", type=int, default=512, help="positions per chunk of the chunked top-k loss")
     p.add_argument("--dtype", default="bfloat16", help="student logits dtype (bfloat16 | float32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--method", choices=["topk", "dense"], help=argparse.SUPPRESS)
+    p.add_argument("--tail", choices=TAIL_MODES, default=TAIL_MODES[0], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.method:
         print(json.dumps(worker(a)))
         return 0
+    print_header("KD loss: chunked top-k vs unchunked top-k vs dense full-vocabulary KL")
+    if a.chunk >= a.positions:
+        print(f"warning: --chunk {a.chunk} >= --positions {a.positions}: the chunked rows run in one chunk too")
     print(f"KD loss, {a.positions} positions x vocabulary {a.vocab:,}, student logits {a.dtype}, top-k {a.k}, "
-          f"chunk {a.chunk}, {a.device}, {a.threads} threads; forward + backward, T = 2, alpha = 0.9")
+          f"{a.device}, {a.threads} threads; forward + backward, T = 2, alpha = 0.9")
+    common = ["--vocab", a.vocab, "--positions", a.positions, "--k", a.k, "--dtype", a.dtype, "--device", a.device,
+              "--threads", a.threads, "--repeats", a.repeats]
+    runs = {}  # row label -> extra arguments of its worker
+    for tail in TAIL_MODES:
+        runs[("chunked", tail)] = ["--method", "topk", "--tail", tail, "--chunk", a.chunk]
+        runs[("unchunked", tail)] = ["--method", "topk", "--tail", tail, "--chunk", a.positions]
+    runs[("dense", None)] = ["--method", "dense"]
     results = {}
-    for method in ("tail", "renormalize", "dense"):
-        cmd = [sys.executable, __file__, "--method", method] + [f"--{k}={v}" for k, v in vars(a).items()
-                                                                 if k != "method"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+    for key, extra in runs.items():
+        cmd = [sys.executable, __file__, *map(str, common + extra)]
+        out = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if out.returncode != 0:
-            print(f"{method}: failed ({out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode})")
+            print(f"{key}: failed ({out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode})")
             continue
-        results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[key] = json.loads(out.stdout.strip().splitlines()[-1])
     if not results:
         return 1
-    logits_gib = next(iter(results.values()))["logits_gib"]
-    print(f"(student logits themselves: {logits_gib:.2f} GiB, not counted)")
-    names = {"tail": "top-k KD, tail category (ours)", "renormalize": "top-k KD, renormalised (ours)",
-             "dense": "dense full-vocabulary KL"}
-    dense = results.get("dense")
-    print(f"{'method':34s} {'extra peak GiB':>15s} {'time s':>8s} {'peak / dense':>13s} {'time / dense':>13s}")
-    for m, r in results.items():
-        ratio = (f"{r['extra_peak_gib'] / dense['extra_peak_gib']:13.3f} {r['time_s'] / dense['time_s']:13.3f}"
-                 if dense else "")
-        print(f"{names[m]:34s} {r['extra_peak_gib']:15.2f} {r['time_s']:8.2f} {ratio}")
+    print(f"(student logits themselves: {next(iter(results.values()))['logits_gib']:.2f} GiB, not counted)")
+
+    def label(key):
+        how, tail = key
+        if how == "dense":
+            return "dense full-vocabulary KL (teacher fp32 logits)"
+        return f"top-k KD, tail={tail}, " + (f"chunked ({a.chunk} positions)" if how == "chunked" else
+                                             f"unchunked (1 chunk of {a.positions})")
+
+    print(f"{'method':58s} {'extra peak GiB':>15s} {'time s':>8s} {'loss':>10s}")
+    for key, r in results.items():
+        print(f"{label(key):58s} {r['extra_peak_gib']:15.3f} {r['time_s']:8.3f} {r['loss']:10.5f}")
+    print(f"{'ratio':58s} {'peak':>15s} {'time':>8s}")
+    for tail in TAIL_MODES:
+        for num, den, claim in (("chunked", "unchunked", "chunking"), ("unchunked", "dense", "top-k cache")):
+            x, y = results.get((num, tail)), results.get((den, None if den == "dense" else tail))
+            name = f"tail={tail}: {num} / {den} ({claim})"
+            if x is None or y is None:
+                print(f"{name:58s} {'n/a':>15s} {'n/a':>8s}")
+                continue
+            print(f"{name:58s} {x['extra_peak_gib'] / y['extra_peak_gib']:15.3f} {x['time_s'] / y['time_s']:8.3f}")
     return 0
 
 
