@@ -18,14 +18,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, is_compressed_checkpoint, load_model, validate_compressed_checkpoint
+from .checkpoint import (CheckpointError, is_compressed_checkpoint, load_model, read_weight_shapes,
+                         validate_compressed_checkpoint)
 from .dist import barrier, dist_info, log_main, setup_logging
 from .distill_config import (CONFIG_FILE, DEFAULT_DEEPSPEED, DistillConfig, DistillConfigError, GroupConfig,
                              StageConfig, check_deepspeed_config, parse_group, stage_from_groups)
 from .distill_params import ResolvedGroup, apply_groups, log_groups, resolve_groups
 from .distill_trainer import LOG_FILE, PROBE_ENV, DistillDataset, DistillTrainer, distill_loss, training_arguments
-from .run_layout import CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, checkpoint_step, complete_checkpoints, write_atomic
-from .teacher_cache import TeacherCacheDataset
+from .run_layout import (CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, check_output_dir, checkpoint_step,
+                         complete_checkpoints, write_atomic)
+from .teacher_cache import CacheFormatError, TeacherCacheDataset
 
 __all__ = ["CONFIG_FILE", "DEFAULT_DEEPSPEED", "LOG_FILE", "PROBE_ENV", "DistillConfig", "DistillConfigError",
            "DistillDataset", "DistillTrainer", "GroupConfig", "Prepared", "ResolvedGroup", "StageConfig",
@@ -42,7 +44,8 @@ def _student_config(cfg: DistillConfig):
     """The student's config, validated without loading weights.
 
     Raises:
-        CheckpointError: not a model directory, or a compressed checkpoint whose weights do not match.
+        CheckpointError: not a model directory, unreadable safetensors headers, or a compressed checkpoint whose
+            weights do not match.
     """
     from transformers import AutoConfig
 
@@ -56,6 +59,8 @@ def _student_config(cfg: DistillConfig):
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("*.index.json"))
     if not has_weights:
         raise CheckpointError(f"student {path} holds a config.json but no weights (*.safetensors / *.bin)")
+    if any(path.glob("*.safetensors")):
+        read_weight_shapes(path)  # headers only: a truncated or corrupted file is refused before training starts
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (ValueError, OSError, KeyError) as e:
@@ -76,6 +81,20 @@ def _param_names(config, trust_remote_code: bool) -> list[tuple[str, int]]:
     return [(n, p.numel()) for n, p in model.named_parameters()]
 
 
+def _check_positions(cfg: DistillConfig, seq_len: int, text_config) -> None:
+    """Refuse cached sequences longer than the student's context (its logits degrade past the trained positions).
+
+    Raises:
+        DistillConfigError: ``seq_len`` exceeds the student config's ``max_position_embeddings``.
+    """
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise DistillConfigError(f"teacher cache {cfg.teacher_cache} holds sequences of {seq_len} tokens, beyond the "
+                                 f"student's max_position_embeddings {limit} ({Path(cfg.student) / 'config.json'}): "
+                                 f"positions past {limit} were never trained; rebuild the cache with --seq-len "
+                                 f"{limit} or less")
+
+
 @dataclass
 class Prepared:
     """Everything checked before training: what ``run_distill`` needs to start or resume."""
@@ -93,22 +112,31 @@ def prepare(cfg: DistillConfig) -> Prepared:
 
     Raises:
         DistillConfigError: bad DeepSpeed config, group pattern matching nothing, output with checkpoints but no
-            ``resume`` (or a resume with other stages, batch sizes or seed), no tokenizer.
+            ``resume`` (or a resume with other stages, batch sizes or seed), no tokenizer, cached sequences longer
+            than the student's ``max_position_embeddings``.
+        moe_ds.run_layout.OutputError: the output is a file (or below one) or cannot be written.
         CheckpointError: the student is not a model directory / a broken compressed checkpoint.
-        moe_ds.teacher_cache.CacheFormatError: missing, incomplete or corrupted cache.
+        moe_ds.teacher_cache.CacheFormatError: missing, incomplete or corrupted cache, or a folder in its place.
         moe_ds.teacher_cache.TokenizerMismatchError: the cache was written with another tokenizer/vocabulary.
     """
     from transformers import AutoTokenizer
 
     ds_cfg = check_deepspeed_config(cfg.deepspeed) if cfg.deepspeed else None
+    check_output_dir(cfg.output)
     config = _student_config(cfg)
     tok_path = cfg.tokenizer or cfg.student
+    # The student's own config, when the tokenizer is the student's: AutoTokenizer would otherwise reread it and
+    # warn that a shared-core model type is not one it knows.
+    tok_config = {"config": config} if cfg.tokenizer is None else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=cfg.trust_remote_code, **tok_config)
     except (OSError, ValueError) as e:
         raise DistillConfigError(f"no tokenizer in {tok_path} ({e}); pass --tokenizer DIR") from e
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if Path(cfg.teacher_cache).is_dir():  # HDF5 would say so in a multi-line message
+        raise CacheFormatError(f"teacher cache {cfg.teacher_cache} is a folder; give the .h5 file that stage 2 wrote")
     cache = TeacherCacheDataset(cfg.teacher_cache, tokenizer=tokenizer, vocab_size=int(text_config.vocab_size))
+    _check_positions(cfg, cache.meta.seq_len, text_config)
     names = _param_names(config, cfg.trust_remote_code)
     groups = [resolve_groups(names, s, cfg.learning_rate, cfg.weight_decay) for s in cfg.stages]
 

@@ -3,6 +3,7 @@ the KD loss on a real student, and the real 2-rank ZeRO-3 launcher run (two stag
 reload, resume)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -295,6 +296,119 @@ def test_prepare_accepts_good_input_and_refuses_bad(setup, tmp_path):
     with pytest.raises(DistillConfigError, match="started with other batch_size"):
         prepare(_cfg(setup, resume=True))
     shutil.rmtree(done.parent)
+
+
+@pytest.fixture(scope="module")
+def broken(setup, tmp_path_factory) -> Path:
+    """Bad inputs beside the good ones: damaged students and caches, a file, a student with a short context."""
+    root = tmp_path_factory.mktemp("broken")
+    weights = (setup / "student" / "model.safetensors").read_bytes()
+    for name, data in (("truncated", weights[: len(weights) // 2]), ("corrupted", b"\xff" * 8 + weights[8:])):
+        shutil.copytree(setup / "student", root / name)
+        (root / name / "model.safetensors").write_bytes(data)
+    shutil.copytree(setup / "teacher", root / "plain_truncated")  # a plain HF student is read by transformers
+    plain = (root / "plain_truncated" / "model.safetensors").read_bytes()
+    (root / "plain_truncated" / "model.safetensors").write_bytes(plain[: len(plain) // 2])
+    shutil.copytree(setup / "student", root / "short")  # positions 0..15 only; the cache holds 32-token sequences
+    config = json.loads((root / "short" / "config.json").read_text())
+    (root / "short" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    (root / "empty").mkdir()
+    (root / "a_file").write_text("not a folder")
+    index, shard = (setup / "cache.h5").read_bytes(), next((setup / "cache.shards").glob("*.h5")).read_bytes()
+    for name, index_data, shard_data in (("cut_index", index[: len(index) // 2], shard),
+                                         ("cut_shard", index, shard[: len(shard) // 2]),
+                                         ("garbage", b"not hdf5" * 100, shard)):
+        (root / f"{name}.shards").mkdir()
+        (root / f"{name}.h5").write_bytes(index_data)
+        (root / f"{name}.shards" / next((setup / "cache.shards").glob("*.h5")).name).write_bytes(shard_data)
+    return root
+
+
+# flag -> (value, the one-line message after "distill: error: "); {b}: the broken-inputs folder, {r}: setup's;
+# {i}, {s}: the cache index's and shard's sizes in bytes ({i2}, {s2}: the halves kept by the truncated copies)
+SHARD = "rank-00000-of-00001.h5"
+BAD_INPUTS = {
+    "missing student": ("--student", "{b}/nope", "student {b}/nope is not a directory"),
+    "empty student folder": ("--student", "{b}/empty", "student {b}/empty has no config.json: not a model directory"),
+    "truncated student": ("--student", "{b}/truncated", "{b}/truncated/model.safetensors is not a readable "
+                          "safetensors file (Error while deserializing header: incomplete metadata, file not fully "
+                          "covered); it may be truncated or corrupted: re-download or re-save it"),
+    "corrupted student": ("--student", "{b}/corrupted", "{b}/corrupted/model.safetensors is not a readable safetensors "
+                          "file (Error while deserializing header: header too large); it may be truncated or "
+                          "corrupted: re-download or re-save it"),
+    "truncated plain HF student": ("--student", "{b}/plain_truncated", "{b}/plain_truncated/model.safetensors is not a "
+                                   "readable safetensors file (Error while deserializing header: incomplete metadata, "
+                                   "file not fully covered); it may be truncated or corrupted: re-download or re-save "
+                                   "it"),
+    "sequences beyond the student's positions": (
+        "--student", "{b}/short", "teacher cache {r}/cache.h5 holds sequences of 32 tokens, beyond the student's "
+        "max_position_embeddings 16 ({b}/short/config.json): positions past 16 were never trained; rebuild the cache "
+        "with --seq-len 16 or less"),
+    "missing cache": ("--teacher-cache", "{b}/none.h5", "{b}/none.h5: no such cache file"),
+    "cache is a folder": ("--teacher-cache", "{b}/empty", "teacher cache {b}/empty is a folder; give the .h5 file "
+                          "that stage 2 wrote"),
+    "truncated cache index": ("--teacher-cache", "{b}/cut_index.h5", "{b}/cut_index.h5: cannot open as HDF5 "
+                              "(truncated or corrupted file): Unable to synchronously open file (truncated file: "
+                              "eof = {i2}, sblock->base_addr = 0, stored_eof = {i})"),
+    "truncated cache shard": ("--teacher-cache", "{b}/cut_shard.h5", "{b}/cut_shard.shards/" + SHARD + ": cannot open "
+                              "as HDF5 (truncated or corrupted file): Unable to synchronously open file (truncated "
+                              "file: eof = {s2}, sblock->base_addr = 0, stored_eof = {s})"),
+    "corrupted cache": ("--teacher-cache", "{b}/garbage.h5", "{b}/garbage.h5: cannot open as HDF5 (truncated or "
+                        "corrupted file): Unable to synchronously open file (file signature not found)"),
+    "output is a file": ("--output", "{b}/a_file", "output {b}/a_file is a file, not a folder"),
+    "output below a file": ("--output", "{b}/a_file/run", "cannot create output folder {b}/a_file/run: {b}/a_file is a "
+                            "file"),
+    "bad alpha": ("--alpha", "2", "alpha must be in [0, 1], got 2.0"),
+}
+
+
+def _main_stderr(capfd, argv: list[str]) -> tuple[int, list[str]]:
+    """Exit code and stderr lines of ``launch/distill.py ARGV`` run in this process through ``moe_ds.cli.run``."""
+    launch = _launcher()
+    capfd.readouterr()
+    code = run("distill", lambda: launch.main(argv), launch.ERRORS)
+    return code, capfd.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, setup, broken, tmp_path, capfd):
+    flag, value, message = BAD_INPUTS[case]
+    index, shard = (setup / "cache.h5").stat().st_size, (setup / "cache.shards" / SHARD).stat().st_size
+    names = {"b": broken, "r": setup, "i": index, "i2": index // 2, "s": shard, "s2": shard // 2}
+    args = {"--student": str(setup / "student"), "--teacher-cache": str(setup / "cache.h5"),
+            "--output": str(tmp_path / "out"), flag: value.format(**names)}
+    argv = [a for kv in args.items() for a in kv] + ["--deepspeed", "none", "--max-steps", "2", "--report-to", "none"]
+    code, err = _main_stderr(capfd, argv)
+    assert (code, err) == (2, [f"distill: error: {message.format(**names)}"])
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_refusal_is_the_only_line_a_real_process_prints(setup, broken, tmp_path):
+    """In a fresh process too: nothing (e.g. a transformers warning about the student's model type) precedes it."""
+    p = subprocess.run([sys.executable, "launch/distill.py", "--student", str(broken / "short"), "--teacher-cache",
+                        str(setup / "cache.h5"), "--output", str(tmp_path / "out"), "--deepspeed", "none",
+                        "--max-steps", "2"], cwd=REPO, env=launcher_env(WANDB_MODE="disabled"), capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert p.returncode == 2 and p.stderr.splitlines() == [f"distill: error: teacher cache {setup}/cache.h5 holds "
+                                                           "sequences of 32 tokens, beyond the student's "
+                                                           f"max_position_embeddings 16 ({broken}/short/config.json): "
+                                                           "positions past 16 were never trained; rebuild the cache "
+                                                           "with --seq-len 16 or less"], p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_only_output_is_one_line(setup, tmp_path, capfd):
+    # Root writes into a chmod 500 folder; sysfs refuses new files even to root.
+    read_only = Path("/sys") if os.geteuid() == 0 else tmp_path / "ro"
+    if read_only != Path("/sys"):
+        read_only.mkdir()
+        read_only.chmod(0o500)
+    out = read_only / "out"
+    code, err = _main_stderr(capfd, ["--student", str(setup / "student"), "--teacher-cache", str(setup / "cache.h5"),
+                                     "--output", str(out), "--deepspeed", "none", "--max-steps", "2"])
+    read_only.chmod(0o700) if read_only != Path("/sys") else None
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"distill: error: cannot write output folder {out}: Permission denied"), err
 
 
 def test_kd_loss_falls_when_the_student_overfits_a_fixed_batch(setup):
