@@ -7,6 +7,8 @@
     python launch/evaluate.py --checkpoint runs/toy/compressed --tasks wikitext --data-dir DATA_DIR   # one model
 
 Results: <checkpoint>/eval/results.json (+ EVALUATED), RUN_DIR/baseline_eval/, RUN_DIR/eval_summary.{csv,md,png}.
+A checkpoint-<step> folder without CHECKPOINT_COMPLETE is refused unless --allow-incomplete; results are keyed to
+the model files' sizes and times, so a rebuilt checkpoint is evaluated again.
 """
 
 import os
@@ -27,7 +29,10 @@ _pin_devices(sys.argv[1:])  # first: the imports below load torch
 from moe_ds.cli import parse_config, run
 from moe_ds.dist import setup_logging
 from moe_ds.evaluate import EvalConfig, EvalError
+from moe_ds.run_layout import OutputError
 from moe_ds.watch import CheckpointWatcher, run_once
+
+ERRORS = (EvalError, OutputError)
 
 
 def main(argv=None) -> None:
@@ -40,4 +45,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run("evaluate", main, errors=(EvalError,)))
+    sys.exit(run("evaluate", main, errors=ERRORS))

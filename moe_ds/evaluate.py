@@ -5,6 +5,11 @@ One evaluation loads a checkpoint (compressed or plain Hugging Face), wraps it i
 ``eval/EVALUATED``; the run directory gets ``eval_summary.{csv,md,png}`` and wandb the metrics at step =
 checkpoint step, all named ``{task}/{metric}`` by ``flat_metrics``. The watchdog loop that calls this on
 every finished checkpoint lives in ``moe_ds.watch``.
+
+A record is keyed to the content it scored: ``fingerprint`` holds the size and modification time of the model's
+config and weight files when the evaluation started. A record whose fingerprint no longer matches (the folder
+was rebuilt, e.g. by a distillation ``--resume``), or an error recorded before the checkpoint's
+``CHECKPOINT_COMPLETE`` marker appeared, is stale: left out of the summary and evaluated again.
 """
 
 import csv
@@ -20,11 +25,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+from moe_ds.cli import _DISK_FULL, _errno_of  # the full-disk test cli.run applies
 from moe_ds.dist import logger
-from moe_ds.run_layout import (CHECKPOINT_PREFIX, EVAL_DIR, EVAL_RESULTS, EVALUATED, checkpoint_step, write_atomic,
-                               write_json_atomic)
+from moe_ds.run_layout import (CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, EVAL_DIR, EVAL_RESULTS, EVALUATED,
+                               checkpoint_step, is_complete_checkpoint, write_atomic, write_json_atomic)
 
-RESULTS_FORMAT = 1
+RESULTS_FORMAT = 2  # 2: records carry the model's fingerprint and whether the checkpoint was marked complete
 BASELINE_DIR = "baseline_eval"  # RUN_DIR/baseline_eval/{results.json,EVALUATED}: survives evaluator restarts
 SUMMARY_CSV, SUMMARY_MD, SUMMARY_PNG = "eval_summary.csv", "eval_summary.md", "eval_summary.png"
 RESOLVED_CONFIG = "eval_config.json"  # the evaluator's resolved config, written into the run directory
@@ -70,6 +76,7 @@ class EvalConfig:
     once: bool = False  # evaluate baseline + every complete checkpoint, then exit (no watching)
     stop_after_step: int | None = None  # exit once a checkpoint with step >= this is evaluated
     retry_failed: bool = False  # re-evaluate checkpoints whose results record an error
+    allow_incomplete: bool = False  # evaluate a checkpoint-<step> folder that has no CHECKPOINT_COMPLETE marker
     wandb_mode: WandbMode = field(default_factory=_wandb_mode_from_env)  # wandb logging ($WANDB_MODE when set)
     wandb_project: str = "moe-compression"  # wandb project of the evaluator's run
 
@@ -93,6 +100,19 @@ class EvalConfig:
                            ("data_dir", self.data_dir), ("ppl_file", self.ppl_file)):
             if path is not None and not Path(path).exists():
                 raise EvalError(f"{name}={path!r} does not exist")
+        for name, path in (("checkpoint", self.checkpoint), ("baseline", self.baseline)):
+            if path is not None and not (Path(path) / "config.json").is_file():
+                raise EvalError(f"{name} {path} has no config.json: not a model folder")
+            if path is not None and not has_tokenizer(path):
+                raise EvalError(f"{name} {path} has no tokenizer files ({TOKENIZER_FILES_TEXT})")
+        if self.once and self.watch is not None and not Path(self.watch).exists():
+            raise EvalError(f"watch={self.watch!r} does not exist (--once evaluates the checkpoints already there)")
+        ckpt = self.checkpoint
+        if ckpt is not None and checkpoint_step(ckpt) is not None and not is_complete_checkpoint(ckpt) \
+                and not self.allow_incomplete:
+            raise EvalError(f"{ckpt} has no {CHECKPOINT_COMPLETE} marker: distillation is still writing it, or "
+                            "stopped before finishing it; wait for the marker, or pass --allow-incomplete to "
+                            "evaluate it as it is")
         if self.limit is not None and not (self.limit > 0):
             raise EvalError(f"limit must be > 0, got {self.limit}")
         if self.limit is not None and self.limit >= 1:
@@ -132,6 +152,54 @@ def is_evaluated(out_dir: str | Path) -> bool:
     return (Path(out_dir) / EVALUATED).is_file()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+TOKENIZER_FILES_TEXT = "tokenizer.json, tokenizer.model, vocab.json, vocab.txt or *.tiktoken"
+
+
+def has_tokenizer(model_dir: str | Path) -> bool:
+    """Whether a model folder holds a tokenizer's vocabulary (transformers 5 builds an empty one without)."""
+    model_dir = Path(model_dir)
+    return any((model_dir / f).is_file() for f in TOKENIZER_FILES) or any(model_dir.glob("*.tiktoken"))
+
+
+def _is_model_file(name: str) -> bool:
+    return name == "config.json" or name.endswith((".safetensors", ".safetensors.index.json")) or (
+        name.startswith("pytorch_model") and name.endswith((".bin", ".bin.index.json")))
+
+
+def model_fingerprint(model_dir: str | Path) -> dict[str, list[int]]:
+    """What identifies a model folder's content without reading it: ``{file: [size, mtime_ns]}`` of its
+    ``config.json`` and weight files (``*.safetensors``, their index, ``pytorch_model*.bin``).
+
+    A rebuilt folder gets new modification times; a copy that keeps them (``shutil.copytree``, ``cp -p``)
+    keeps its fingerprint. Returns ``{}`` for a folder that does not exist.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return {}
+    found = {}
+    for f in sorted(model_dir.iterdir()):
+        if _is_model_file(f.name) and f.is_file():
+            st = f.stat()
+            found[f.name] = [st.st_size, st.st_mtime_ns]
+    return found
+
+
+def stale_reason(model_dir: str | Path, record: dict) -> str | None:
+    """Why a results record no longer describes ``model_dir`` (None: it does).
+
+    Stale: the model's files changed since the evaluation started (fingerprint), or an error was recorded
+    before the checkpoint's ``CHECKPOINT_COMPLETE`` marker appeared. Records written before fingerprints
+    (format 1) are trusted.
+    """
+    if "fingerprint" in record and record["fingerprint"] != model_fingerprint(model_dir):
+        return "its files changed since it was evaluated"
+    if record.get("checkpoint_complete") is False and record.get("status") != "ok" \
+            and is_complete_checkpoint(model_dir):
+        return f"its error was recorded before its {CHECKPOINT_COMPLETE} marker appeared"
+    return None
+
+
 def flat_metrics(record: dict | None, stderr: bool = False) -> dict[str, float]:
     """A results record's metrics as ``{"task/metric": value}``, in task then metric order.
 
@@ -160,12 +228,17 @@ def load_for_eval(path: str | Path, dtype: str = "auto"):
 
     Returns:
         ``(model, tokenizer)``, model in eval mode.
+
+    Raises:
+        ValueError: the folder holds no tokenizer files.
     """
     import torch
     import transformers as T
 
     from moe_ds.checkpoint import load_model
 
+    if not has_tokenizer(path):  # AutoTokenizer would build a 1-token tokenizer and score garbage as "ok"
+        raise ValueError(f"{path} has no tokenizer files ({TOKENIZER_FILES_TEXT})")
     model = load_model(path, dtype=None if dtype == "auto" else getattr(torch, dtype))
     tokenizer = T.AutoTokenizer.from_pretrained(path)
     n_gpu = torch.cuda.device_count()
@@ -258,9 +331,12 @@ def evaluate_model(model_path: str | Path, resolver: TaskResolver, *, limit: flo
     import transformers as T
 
     start = time.time()
+    step = None if baseline else checkpoint_step(model_path)
     record = {"format_version": RESULTS_FORMAT, "model": str(Path(model_path).resolve()),
-              "role": "baseline" if baseline else "checkpoint",
-              "step": None if baseline else checkpoint_step(model_path), "status": "ok", "error": None, "tasks": {},
+              "role": "baseline" if baseline else "checkpoint", "step": step,
+              "fingerprint": model_fingerprint(model_path),  # before loading: a change during the run shows later
+              "checkpoint_complete": None if step is None else is_complete_checkpoint(model_path),
+              "status": "ok", "error": None, "tasks": {},
               "lm_eval_version": lm_eval.__version__, "transformers_version": T.__version__,
               "torch_version": torch.__version__, "limit": limit, "num_fewshot": num_fewshot,
               "batch_size": batch_size, "dtype": dtype, "seeds": SEEDS, "host": platform.node(),
@@ -275,6 +351,8 @@ def evaluate_model(model_path: str | Path, resolver: TaskResolver, *, limit: flo
         lm = HFLM(pretrained=model, tokenizer=tokenizer,
                   batch_size=batch_size if batch_size == "auto" else int(batch_size))
     except Exception as e:  # noqa: BLE001 - a broken checkpoint is recorded, the caller's loop goes on
+        if _errno_of(e) in _DISK_FULL:
+            raise  # not the model's fault: recorded, it would never be evaluated again
         logger.error("could not load %s: %s", model_path, e)
         record.update(status="error", error=f"load failed: {traceback.format_exc(limit=-4)}")
         record["wall_time_s"] = round(time.time() - start, 3)
@@ -293,6 +371,8 @@ def evaluate_model(model_path: str | Path, resolver: TaskResolver, *, limit: flo
             if subtasks:  # groups such as mmlu: the group row is the headline, subtasks kept for reference
                 entry["subtasks"] = subtasks
         except Exception as e:  # noqa: BLE001 - one failing task must not lose the others
+            if _errno_of(e) in _DISK_FULL:
+                raise  # e.g. the datasets cache on a full disk: a rerun must evaluate it, not skip an "error"
             logger.error("task %s failed on %s: %s", user_name, model_path, e)
             entry = {"lm_eval_task": task_name, "metrics": {}, "error": traceback.format_exc(limit=-4)}
         record["tasks"][user_name] = entry
@@ -319,6 +399,7 @@ def evaluate_into(model_path: str | Path, out_dir: str | Path, resolver: TaskRes
 
     Raises:
         FileNotFoundError: when the checkpoint folder disappeared (deleted) before or during evaluation.
+        OSError: a full disk (or file-size limit), here or while a task read its data: nothing is recorded.
     """
     out_dir = Path(out_dir)
     record = evaluate_model(model_path, resolver, **kwargs)
@@ -370,17 +451,21 @@ class SummaryRow:
 
 
 def collect_summary(run_dir: str | Path) -> list[SummaryRow]:
-    """The baseline row (if evaluated) then one row per evaluated checkpoint, by step; stderr columns left out."""
+    """The baseline row (if evaluated) then one row per evaluated checkpoint, by step; stderr columns left out.
+
+    A checkpoint's row needs its ``CHECKPOINT_COMPLETE`` marker, its ``EVALUATED`` marker and results that are
+    not stale (see :func:`stale_reason`).
+    """
     run_dir = Path(run_dir)
     rows = []
-    sources = [("baseline", None, run_dir / BASELINE_DIR)]
+    sources = [("baseline", None, None, run_dir / BASELINE_DIR)]
     for ckpt in run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-        if checkpoint_step(ckpt) is not None:
-            sources.append((ckpt.name, checkpoint_step(ckpt), results_dir(ckpt)))
+        if checkpoint_step(ckpt) is not None and is_complete_checkpoint(ckpt):
+            sources.append((ckpt.name, checkpoint_step(ckpt), ckpt, results_dir(ckpt)))
     sources[1:] = sorted(sources[1:], key=lambda s: s[1])
-    for name, step, out_dir in sources:
-        record = read_results(out_dir)
-        if record is None:
+    for name, step, ckpt, out_dir in sources:
+        record = read_results(out_dir) if is_evaluated(out_dir) else None
+        if record is None or (ckpt is not None and stale_reason(ckpt, record) is not None):
             continue
         rows.append(SummaryRow(name, step, record.get("status", "?"), flat_metrics(record)))
     return rows

@@ -5,7 +5,9 @@ complete checkpoint not yet evaluated (catch-up), then checkpoints announced by 
 ``CHECKPOINT_COMPLETE`` marker (directory creation alone means nothing: the distillation stage writes the
 marker last). Events are debounced; a periodic rescan catches events a filesystem lost. One evaluation runs
 at a time, under a per-checkpoint file lock so two evaluators never duplicate work; SIGINT/SIGTERM stop the
-loop between evaluations (a second signal interrupts the current one).
+loop between evaluations (a second signal interrupts the current one). Results that no longer describe their
+checkpoint (``moe_ds.evaluate.stale_reason``: the folder was rebuilt, or an error was recorded before the
+marker) are evaluated again without ``--retry-failed``.
 """
 
 import signal
@@ -20,9 +22,9 @@ from watchdog.observers.polling import PollingObserver
 
 from moe_ds.dist import logger
 from moe_ds.evaluate import (BASELINE_DIR, RESOLVED_CONFIG, EvalConfig, TaskResolver, WandbLog, evaluate_into,
-                             flat_metrics, is_evaluated, read_results, results_dir, write_summary)
-from moe_ds.run_layout import (CHECKPOINT_COMPLETE, checkpoint_step, complete_checkpoints, is_complete_checkpoint,
-                               write_json_atomic)
+                             flat_metrics, is_evaluated, read_results, results_dir, stale_reason, write_summary)
+from moe_ds.run_layout import (CHECKPOINT_COMPLETE, check_output_dir, checkpoint_step, complete_checkpoints,
+                               is_complete_checkpoint, remove_stale_temporaries, write_json_atomic)
 
 LOCK_NAME = ".eval.lock"  # inside the results folder
 
@@ -62,9 +64,7 @@ class CheckpointWatcher:
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.watch).resolve()
-        if not self.run_dir.exists():  # started before the training run: wait for it to appear
-            logger.info("run directory %s does not exist yet; creating it and waiting for checkpoints", self.run_dir)
-            self.run_dir.mkdir(parents=True)
+        self.resolver = self.wandb = None  # made by run()
         self.stop = threading.Event()  # set by a signal or stop condition; checked between evaluations
         self._wake = threading.Event()
         self.watching = threading.Event()  # set once baseline and catch-up are done and events are awaited
@@ -80,13 +80,18 @@ class CheckpointWatcher:
             self._pending[ckpt] = time.monotonic()
         self._wake.set()
 
-    def _needs_eval(self, out_dir: Path) -> bool:
+    def _needs_eval(self, model: Path, out_dir: Path, log: bool = False) -> bool:
         if not is_evaluated(out_dir):
             return True
-        if self.cfg.retry_failed:
-            record = read_results(out_dir)
-            return record is None or record.get("status") != "ok"
-        return False
+        record = read_results(out_dir)
+        if record is None:
+            return True
+        reason = stale_reason(model, record)
+        if reason is not None:
+            if log:
+                logger.info("%s: evaluating again: %s", model.name, reason)
+            return True
+        return self.cfg.retry_failed and record.get("status") != "ok"
 
     def _ordered(self, ckpts) -> list[Path]:
         return sorted(ckpts, key=checkpoint_step, reverse=self.cfg.order == "newest")
@@ -111,7 +116,7 @@ class CheckpointWatcher:
         if not model.is_dir():
             logger.info("%s: %s is gone (deleted), skipped", name, model)
             return False
-        if not self._needs_eval(out_dir):
+        if not self._needs_eval(model, out_dir):
             return False
         try:
             out_dir.mkdir(exist_ok=True)
@@ -124,8 +129,11 @@ class CheckpointWatcher:
             logger.info("%s: another evaluator holds %s, skipped", name, out_dir / LOCK_NAME)
             return False
         try:
-            if not self._needs_eval(out_dir):  # finished by another evaluator while we waited
+            if not self._needs_eval(model, out_dir, log=True):  # finished by another evaluator while we waited
                 return False
+            remove_stale_temporaries(out_dir)  # what a killed evaluator left (we hold the lock)
+            if read_results(out_dir) is not None:  # stale or failed results: their summary row leaves now
+                write_summary(self.run_dir)
             logger.info("%s: evaluating %s on %s (limit %s)", name, model, ",".join(self.cfg.tasks), self.cfg.limit)
             try:
                 record = evaluate_into(model, out_dir, self.resolver, limit=self.cfg.limit,
@@ -150,14 +158,15 @@ class CheckpointWatcher:
             return
         out_dir = self.run_dir / BASELINE_DIR
         previous = read_results(out_dir)
-        if previous is not None and Path(previous["model"]) != Path(self.cfg.baseline).resolve():
+        if previous is not None and "fingerprint" not in previous and \
+                Path(previous["model"]) != Path(self.cfg.baseline).resolve():  # newer records are checked by content
             logger.warning("baseline results in %s are for %s, not %s; delete that folder to re-evaluate",
                            out_dir, previous["model"], self.cfg.baseline)
         if not self._evaluate(Path(self.cfg.baseline), out_dir, "baseline", baseline=True) and is_evaluated(out_dir):
             logger.info("baseline: already evaluated (%s)", out_dir)
 
     def _catch_up(self) -> None:
-        todo = [c for c in self._ordered(complete_checkpoints(self.run_dir)) if self._needs_eval(results_dir(c))]
+        todo = [c for c in self._ordered(complete_checkpoints(self.run_dir)) if self._needs_eval(c, results_dir(c))]
         logger.info("catch-up: %d complete checkpoint(s) to evaluate", len(todo))
         for ckpt in todo:
             if self.stop.is_set():
@@ -187,15 +196,25 @@ class CheckpointWatcher:
 
         Returns:
             Names (``baseline``, ``checkpoint-<step>``) evaluated by this call, in order.
+
+        Raises:
+            moe_ds.run_layout.OutputError: the run directory is a file (or below one) or cannot be written.
+            EvalError: an unknown task or a missing data file. Both before anything is written.
         """
         cfg = self.cfg
-        write_json_atomic(self.run_dir / RESOLVED_CONFIG, {k: v for k, v in vars(cfg).items()})
-        in_main = threading.current_thread() is threading.main_thread()
-        old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+        check_output_dir(self.run_dir, "run")
         self.resolver = TaskResolver(cfg.tasks, cfg.data_dir, cfg.ppl_file)
-        self.wandb = WandbLog(cfg, self.run_dir)
-        observer = None
+        in_main = threading.current_thread() is threading.main_thread()
+        old, observer = {}, None
         try:
+            if not self.run_dir.exists():  # started before the training run: wait for it to appear
+                logger.info("run directory %s does not exist yet; creating it and waiting for checkpoints",
+                            self.run_dir)
+                self.run_dir.mkdir(parents=True)
+            write_json_atomic(self.run_dir / RESOLVED_CONFIG, {k: v for k, v in vars(cfg).items()})
+            if in_main:
+                old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.wandb = WandbLog(cfg, self.run_dir)
             if not cfg.once:
                 # Started before catch-up, so markers written during catch-up are not lost (start() sets up
                 # the inotify watches / first polling snapshot synchronously, leaving no gap).
@@ -211,7 +230,8 @@ class CheckpointWatcher:
             if observer is not None:
                 observer.stop()
                 observer.join()
-            self.wandb.finish()
+            if self.wandb is not None:
+                self.wandb.finish()
             self.resolver.close()
             for s, h in old.items():
                 signal.signal(s, h)
@@ -230,7 +250,7 @@ class CheckpointWatcher:
             if self.cfg.rescan_s and time.monotonic() - last_scan >= self.cfg.rescan_s:
                 last_scan = time.monotonic()
                 for ckpt in complete_checkpoints(self.run_dir):
-                    if self._needs_eval(results_dir(ckpt)):
+                    if self._needs_eval(ckpt, results_dir(ckpt)):
                         with self._mutex:
                             self._pending.setdefault(ckpt, 0.0)
             for ckpt in self._take_ready():
@@ -249,15 +269,19 @@ def run_once(cfg: EvalConfig) -> dict:
 
     Returns:
         The results record.
+
+    Raises:
+        moe_ds.run_layout.OutputError: the results folder is a file (or below one) or cannot be written.
+        EvalError: an unknown task or a missing data file. Both before anything is written.
     """
     model = Path(cfg.checkpoint)
-    out_dir = Path(cfg.out) if cfg.out is not None else results_dir(model)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if checkpoint_step(model) is not None and not is_complete_checkpoint(model):
-        logger.warning("%s has no %s marker: it may still be being written", model, CHECKPOINT_COMPLETE)
+    out_dir = check_output_dir(Path(cfg.out) if cfg.out is not None else results_dir(model))
     resolver = TaskResolver(cfg.tasks, cfg.data_dir, cfg.ppl_file)
+    if checkpoint_step(model) is not None and not is_complete_checkpoint(model):  # only with --allow-incomplete
+        logger.warning("%s has no %s marker: evaluating it as it is now", model, CHECKPOINT_COMPLETE)
     in_run = checkpoint_step(model) is not None and cfg.out is None
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
         logger.info("evaluating %s on %s (limit %s)", model, ",".join(cfg.tasks), cfg.limit)
         record = evaluate_into(model, out_dir, resolver, limit=cfg.limit, num_fewshot=cfg.num_fewshot,
                                batch_size=cfg.batch_size, dtype=cfg.dtype)

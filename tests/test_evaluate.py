@@ -22,9 +22,10 @@ from watchdog.events import DirCreatedEvent, FileCreatedEvent, FileMovedEvent
 
 from conftest import REPO, SHARED_DATA
 from moe_ds.eval_tasks import render_local_tasks
-from moe_ds.evaluate import (BASELINE_DIR, SUMMARY_CSV, SUMMARY_MD, SUMMARY_PNG, EvalConfig, WandbLog, flat_metrics,
-                             perplexity, read_results, results_dir)
-from moe_ds.run_layout import CHECKPOINT_COMPLETE, EVALUATED
+from moe_ds.cli import run
+from moe_ds.evaluate import (BASELINE_DIR, SUMMARY_CSV, SUMMARY_MD, SUMMARY_PNG, EvalConfig, EvalError, TaskResolver,
+                             WandbLog, evaluate_into, flat_metrics, perplexity, read_results, results_dir)
+from moe_ds.run_layout import CHECKPOINT_COMPLETE, EVALUATED, OutputError
 from moe_ds.watch import LOCK_NAME, CheckpointWatcher, MarkerHandler, run_once
 
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "wikitext2_raw_test_docs.jsonl").is_file(),
@@ -81,6 +82,111 @@ def test_config_rejects_bad_values(tmp_path, text_file):
     EvalConfig(watch=str(tmp_path / "not_yet"))  # a run that training has not created yet is fine
     cfg = EvalConfig(watch=str(tmp_path), tasks="wikitext, piqa", ppl_file=str(text_file), limit=3.0)
     assert cfg.tasks == ["wikitext", "piqa", "perplexity"] and cfg.limit == 3 and isinstance(cfg.limit, int)
+
+
+def _launcher():
+    """launch/evaluate.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_evaluate", REPO / "launch" / "evaluate.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    return launch
+
+
+def _main_stderr(capfd, argv: list[str]) -> tuple[int, list[str]]:
+    """Exit code and stderr lines of ``launch/evaluate.py ARGV`` run in this process through ``moe_ds.cli.run``."""
+    launch = _launcher()
+    capfd.readouterr()
+    code = run("evaluate", lambda: launch.main(argv), launch.ERRORS)
+    return code, capfd.readouterr().err.splitlines()
+
+
+PPL = ["--tasks", "perplexity", "--ppl-file", "{t}/heldout.jsonl", "--limit", "2", "--wandb-mode", "disabled"]
+UNKNOWN_TASK = ("unknown lm-eval task(s) ['nosuchtask']; wikitext/arc_easy/piqa work offline with --data-dir, "
+                "perplexity with --ppl-file")
+# arguments -> the one-line message after "evaluate: error: "; {t} is the test's folder, {m} the tiny model
+BAD_INPUTS = {
+    "missing checkpoint": (["--checkpoint", "{t}/nope", *PPL], "checkpoint='{t}/nope' does not exist"),
+    "checkpoint is not a model folder": (["--checkpoint", "{t}/empty", *PPL],
+                                         "checkpoint {t}/empty has no config.json: not a model folder"),
+    "checkpoint without its marker": (["--checkpoint", "{t}/run/checkpoint-3", *PPL],
+                                      "{t}/run/checkpoint-3 has no CHECKPOINT_COMPLETE marker: distillation is still "
+                                      "writing it, or stopped before finishing it; wait for the marker, or pass "
+                                      "--allow-incomplete to evaluate it as it is"),
+    "missing run folder with --once": (["--watch", "{t}/nope", "--once", *PPL],
+                                       "watch='{t}/nope' does not exist (--once evaluates the checkpoints already "
+                                       "there)"),
+    "missing baseline": (["--watch", "{t}/run", "--baseline", "{t}/nope", "--once", *PPL],
+                         "baseline='{t}/nope' does not exist"),
+    "checkpoint without a tokenizer": (["--checkpoint", "{t}/no_tokenizer", *PPL],
+                                       "checkpoint {t}/no_tokenizer has no tokenizer files (tokenizer.json, "
+                                       "tokenizer.model, vocab.json, vocab.txt or *.tiktoken)"),
+    "baseline is not a model folder": (["--watch", "{t}/run", "--baseline", "{t}/empty", "--once", *PPL],
+                                       "baseline {t}/empty has no config.json: not a model folder"),
+    "unknown task": (["--checkpoint", "{m}", "--out", "{t}/out", "--tasks", "nosuchtask"], UNKNOWN_TASK),
+    "unknown task, watching": (["--watch", "{t}/new_run", "--tasks", "nosuchtask"], UNKNOWN_TASK),
+    "missing perplexity file": (["--checkpoint", "{m}", "--out", "{t}/out", "--ppl-file", "{t}/none.jsonl"],
+                                "ppl_file='{t}/none.jsonl' does not exist"),
+    "perplexity file of an unknown kind": (["--checkpoint", "{m}", "--out", "{t}/out", "--ppl-file", "{t}/notes.md"],
+                                           "perplexity file must be .jsonl, .json or .txt, got {t}/notes.md"),
+    "perplexity task without a file": (["--checkpoint", "{m}", "--tasks", "perplexity"],
+                                       "task 'perplexity' needs ppl_file"),
+    "missing data folder": (["--checkpoint", "{m}", "--tasks", "wikitext", "--data-dir", "{t}/nope"],
+                            "data_dir='{t}/nope' does not exist"),
+    "data folder without the task's files": (["--checkpoint", "{m}", "--out", "{t}/out", "--tasks", "wikitext",
+                                              "--data-dir", "{t}/empty"],
+                                             "--data-dir {t}/empty lacks ['wikitext2_raw_test_docs.jsonl'] needed by "
+                                             "the local 'wikitext' task"),
+    "output is a file": (["--checkpoint", "{m}", "--out", "{t}/a_file", *PPL], "output {t}/a_file is a file, not a "
+                         "folder"),
+    "output below a file": (["--checkpoint", "{m}", "--out", "{t}/a_file/eval", *PPL],
+                            "cannot create output folder {t}/a_file/eval: {t}/a_file is a file"),
+    "run folder is a file": (["--watch", "{t}/a_file", *PPL], "run {t}/a_file is a file, not a folder"),
+    "run folder below a file": (["--watch", "{t}/a_file/run", *PPL],
+                                "cannot create run folder {t}/a_file/run: {t}/a_file is a file"),
+    "bad limit": (["--checkpoint", "{m}", "--limit", "0", *PPL[:4]], "limit must be > 0, got 0.0"),
+}
+
+
+def _tree(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_lm_dir, tmp_path, text_file, capfd):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "notes.md").write_text("# notes")
+    (tmp_path / "run").mkdir()
+    make_checkpoint(tmp_path / "run", 3, tiny_lm_dir, complete=False)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_lm_dir, model)
+    shutil.copytree(tiny_lm_dir, tmp_path / "no_tokenizer", ignore=shutil.ignore_patterns("tokenizer*"))
+    args, message = BAD_INPUTS[case]
+    before, handlers = _tree(tmp_path), [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    code, err = _main_stderr(capfd, [a.format(t=tmp_path, m=model) for a in args])
+    assert (code, err) == (2, [f"evaluate: error: {message.format(t=tmp_path, m=model)}"])
+    assert _tree(tmp_path) == before  # refused before anything is written (no run folder, no eval/)
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
+
+
+def test_read_only_output_is_one_line(tiny_lm_dir, tmp_path, text_file, capfd):
+    # Root writes into a chmod 500 folder; sysfs refuses new files even to root.
+    read_only = Path("/sys") if os.geteuid() == 0 else tmp_path / "ro"
+    if read_only != Path("/sys"):
+        read_only.mkdir()
+        read_only.chmod(0o500)
+    try:
+        for args, what in ((["--checkpoint", str(tiny_lm_dir), "--out", str(read_only / "eval")], "output"),
+                           (["--watch", str(read_only / "run")], "run")):
+            code, err = _main_stderr(capfd, args + [a.format(t=tmp_path) for a in PPL])
+            assert code == 2 and len(err) == 1, err
+            assert err[0].startswith(f"evaluate: error: cannot write {what} folder {read_only}/"), err
+            assert "Permission denied" in err[0]
+    finally:
+        if read_only != Path("/sys"):
+            read_only.chmod(0o700)
 
 
 def test_flat_metrics_names_task_slash_metric():
@@ -207,6 +313,95 @@ def test_once_baseline_exactly_once_broken_recorded_locked_skipped(tiny_lm_dir, 
     assert (run / BASELINE_DIR / "results.json").stat().st_mtime_ns == stamp
 
 
+def test_checkpoint_without_marker_only_with_allow_incomplete_and_never_in_the_summary(tiny_lm_dir, tmp_path,
+                                                                                          text_file):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ckpt = make_checkpoint(run_dir, 3, tiny_lm_dir, complete=False)
+    with pytest.raises(EvalError, match="has no CHECKPOINT_COMPLETE marker"):
+        EvalConfig(checkpoint=str(ckpt), tasks="perplexity", ppl_file=str(text_file))
+    record = run_once(EvalConfig(checkpoint=str(ckpt), tasks="perplexity", ppl_file=str(text_file), limit=2,
+                                 wandb_mode="disabled", allow_incomplete=True))
+    assert record["status"] == "ok" and record["checkpoint_complete"] is False
+    assert "checkpoint-3" not in (run_dir / SUMMARY_MD).read_text()  # an unmarked checkpoint is no point of the curve
+
+
+def test_rebuilt_checkpoint_is_evaluated_again_and_its_stale_row_leaves_the_summary(tiny_lm_dir, tmp_path, text_file):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for step in (1, 2):
+        make_checkpoint(run_dir, step, tiny_lm_dir)
+    assert CheckpointWatcher(cfg_for(run_dir, text_file, once=True)).run() == ["checkpoint-1", "checkpoint-2"]
+    old = read_results(results_dir(run_dir / "checkpoint-2"))
+    assert set(old["fingerprint"]) == {"config.json", "model.safetensors"}
+    assert "| checkpoint-2 | 2 | ok |" in (run_dir / SUMMARY_MD).read_text()
+
+    # A --resume rebuilt checkpoint-2 (other weights, a new marker) and its old eval/ folder survived.
+    other = tmp_path / "other"
+    import transformers as T
+
+    from conftest import tiny_model
+    model = tiny_model("qwen3_moe", seed=5, vocab_size=T.AutoConfig.from_pretrained(tiny_lm_dir).vocab_size)
+    model.config.eos_token_id = model.config.pad_token_id = T.AutoConfig.from_pretrained(tiny_lm_dir).eos_token_id
+    model.save_pretrained(other)
+    shutil.copy(other / "model.safetensors", run_dir / "checkpoint-2" / "model.safetensors")
+    (run_dir / "checkpoint-2" / CHECKPOINT_COMPLETE).write_text('{"step": 2}', encoding="utf-8")
+    from moe_ds.evaluate import write_summary
+
+    assert [r.name for r in write_summary(run_dir)] == ["checkpoint-1"]  # the stale row leaves at once
+    assert "checkpoint-2" not in (run_dir / SUMMARY_MD).read_text() + (run_dir / SUMMARY_CSV).read_text()
+    assert CheckpointWatcher(cfg_for(run_dir, text_file, once=True)).run() == ["checkpoint-2"]
+    new = read_results(results_dir(run_dir / "checkpoint-2"))
+    assert new["status"] == "ok" and new["fingerprint"] != old["fingerprint"]
+    assert flat_metrics(new) != flat_metrics(old)
+    rows = (run_dir / SUMMARY_CSV).read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["checkpoint-1", "checkpoint-2"]
+    assert f"{flat_metrics(new)['perplexity/word_perplexity']}" in rows[2]
+    # unchanged since: not evaluated again
+    assert CheckpointWatcher(cfg_for(run_dir, text_file, once=True)).run() == []
+
+
+def test_watch_retries_an_error_recorded_before_the_marker(tiny_lm_dir, tmp_path, text_file):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ckpt = make_checkpoint(run_dir, 5, tiny_lm_dir, complete=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # still to be written when it was evaluated
+        (ckpt / name).unlink()
+    resolver = TaskResolver(["perplexity"], ppl_file=str(text_file))
+    try:
+        record = evaluate_into(ckpt, results_dir(ckpt), resolver, limit=2)
+    finally:
+        resolver.close()
+    assert record["status"] == "error" and "no tokenizer files" in record["error"]
+    assert record["checkpoint_complete"] is False and (results_dir(ckpt) / EVALUATED).is_file()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_lm_dir / name, ckpt / name)
+    (ckpt / CHECKPOINT_COMPLETE).write_text("", encoding="utf-8")
+    assert CheckpointWatcher(cfg_for(run_dir, text_file, once=True)).run() == ["checkpoint-5"]  # no --retry-failed
+    assert read_results(results_dir(ckpt))["status"] == "ok"
+
+
+def test_full_disk_during_a_task_is_raised_not_recorded(tiny_lm_dir, tmp_path, text_file, monkeypatch):
+    """A task that cannot write (e.g. the datasets cache) on a full disk: recorded as an error, it would never be
+    evaluated again; raised, cli.run reports it in one line and a rerun evaluates the checkpoint."""
+    import errno
+
+    import lm_eval.evaluator
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lm_eval.evaluator, "simple_evaluate", full)
+    ckpt = make_checkpoint(tmp_path, 4, tiny_lm_dir)
+    resolver = TaskResolver(["perplexity"], ppl_file=str(text_file))
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            evaluate_into(ckpt, results_dir(ckpt), resolver, limit=2)
+    finally:
+        resolver.close()
+    assert not (results_dir(ckpt) / "results.json").exists() and not (results_dir(ckpt) / EVALUATED).exists()
+
+
 def test_polling_watcher_evaluates_new_checkpoint_and_stops_after_step(tiny_lm_dir, tmp_path, text_file):
     run = tmp_path / "run"  # not created yet: the evaluator is started before training
     ev = CheckpointWatcher(cfg_for(run, text_file, polling=True, poll_interval_s=0.2, stop_after_step=7))
@@ -271,8 +466,7 @@ def test_watcher_subprocess_evaluates_checkpoint_from_other_process_and_ends_on_
 
 @needs_data
 def test_local_wikitext_matches_lm_eval_cli(tiny_lm_dir, tmp_path):
-    ckpt = tmp_path / "checkpoint-3"
-    shutil.copytree(tiny_lm_dir, ckpt)
+    ckpt = make_checkpoint(tmp_path, 3, tiny_lm_dir)
     ours = run_once(EvalConfig(checkpoint=str(ckpt), tasks="wikitext", data_dir=str(SHARED_DATA), limit=3,
                                wandb_mode="disabled"))
     assert ours["status"] == "ok"
