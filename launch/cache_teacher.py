@@ -7,7 +7,8 @@
         --teacher runs/toy/teacher --data runs/toy/data/train.jsonl \\
         --output runs/toy/teacher_cache.h5 --top-k 16 --seq-len 128   # CPU
 
-Usually started through ``bash launch/cache_teacher.sh``. Rerunning the same command resumes a stopped run.
+Usually started through ``bash launch/cache_teacher.sh``. Rerunning the same command resumes a stopped run
+(and returns at once, writing nothing, on a finished cache). User errors are one line, exit code 2.
 """
 
 import sys
@@ -15,7 +16,10 @@ import sys
 from moe_ds.cache_teacher import CacheTeacherConfig, CacheTeacherError, cache_teacher
 from moe_ds.cli import parse_config, run
 from moe_ds.corpus import CorpusError
+from moe_ds.run_layout import OutputError
 from moe_ds.teacher_cache import CacheFormatError
+
+ERRORS = (CacheTeacherError, CorpusError, CacheFormatError, OutputError)
 
 
 def main(argv=None) -> None:
@@ -23,4 +27,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run("cache_teacher", main, errors=(CacheTeacherError, CorpusError, CacheFormatError)))
+    sys.exit(run("cache_teacher", main, errors=ERRORS))

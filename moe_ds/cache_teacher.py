@@ -2,10 +2,15 @@
 
 Every rank reads and packs the whole corpus in the same deterministic order (``moe_ds.corpus``) and runs
 the teacher in inference mode on the sequences g with ``g % world_size == rank``, appending them to its own
-shard. When every rank is done, rank 0 joins the shards into the index file. A rerun with the same
-arguments resumes each shard after its last flushed batch; a finished shard is skipped.
+shard. When every rank is done, rank 0 joins the shards into the index file.
+
+Every rank checks everything that can be refused (teacher, corpus, output, an existing cache or shard of
+another run) before any rank writes a byte, so a refused command changes nothing. A rerun with the same
+arguments returns at once on a finished cache (writing nothing), resumes each shard after its last flushed
+batch, skips finished shards, and sets aside (renames) a shard it cannot read, recomputing its sequences.
 """
 
+import json
 import logging
 import os
 import time
@@ -22,7 +27,7 @@ from tqdm.auto import tqdm
 from . import teacher_cache as tc
 from .corpus import load_corpus, pack_sequences
 from .dist import barrier, device_for, init_distributed, log_main, setup_logging
-from .run_layout import write_json_atomic
+from .run_layout import check_output_dir, write_json_atomic
 
 logger = logging.getLogger("moe_ds")
 
@@ -129,6 +134,97 @@ def check_teacher_vocab(vocab_size: int, tokenizer_size: int, k: int) -> None:
         raise CacheTeacherError(f"--top-k {k} is larger than the teacher's vocabulary of {vocab_size}")
 
 
+def check_teacher_positions(config, seq_len: int) -> None:
+    """Positions past the teacher's ``max_position_embeddings`` are outside what it was trained on.
+
+    Raises:
+        CacheTeacherError: ``seq_len`` exceeds the limit (configs without one are not checked).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise CacheTeacherError(f"--seq-len {seq_len} exceeds the teacher's max_position_embeddings of {limit}: "
+                                "its logits past that position are unreliable; lower --seq-len")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name the Hub cannot hold (ids are ``name`` or ``org/name``), so a missing folder is the user's typo."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _check_teacher_folder(folder: Path) -> None:
+    """A local teacher folder holds a config, tokenizer files and readable weights (headers only are read).
+
+    Raises:
+        CacheTeacherError: naming what is missing or unreadable.
+    """
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .checkpoint import CheckpointError, open_safetensors, read_weight_map
+
+    if not folder.is_dir():
+        raise CacheTeacherError(f"teacher {folder} is a file, not a model folder")
+    if not (folder / "config.json").is_file():
+        raise CacheTeacherError(f"teacher {folder} has no config.json: not a model folder")
+    try:
+        settings = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CacheTeacherError(f"{folder / 'config.json'} is not valid JSON ({e})") from e
+    model_type = settings.get("model_type") if isinstance(settings, dict) else None
+    if model_type not in CONFIG_MAPPING and "auto_map" not in settings:  # else its own code names the type
+        raise CacheTeacherError(f"teacher {folder}: model type {model_type!r} is unknown to transformers "
+                                f"{transformers.__version__}; update transformers, or pass --trust-remote-code for "
+                                "a model that ships its own code")
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    if not any(n.startswith(("tokenizer", "vocab")) or n.endswith((".model", ".tiktoken")) for n in names):
+        raise CacheTeacherError(f"teacher {folder} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                                "vocab.json, ...): save the teacher's tokenizer into it")
+    try:
+        if (folder / "model.safetensors.index.json").is_file() or (folder / "model.safetensors").is_file():
+            for name in sorted(set(read_weight_map(folder).values())):
+                with open_safetensors(folder / name):
+                    pass
+        elif not any(n.startswith("pytorch_model") and n.endswith((".bin", ".bin.index.json")) for n in names):
+            raise CacheTeacherError(f"teacher {folder} holds no weights (model.safetensors, "
+                                    "model.safetensors.index.json or pytorch_model.bin)")
+    except CheckpointError as e:
+        raise CacheTeacherError(str(e)) from e
+
+
+def load_teacher_files(cfg: "CacheTeacherConfig"):
+    """The teacher's tokenizer and config, checked before anything is loaded or written.
+
+    Returns:
+        (tokenizer, config).
+
+    Raises:
+        CacheTeacherError: a missing, empty or incomplete folder (no config.json, tokenizer files or weights),
+            unreadable weights, an unknown model type, a model that is not a causal LM, or a Hub id that
+            cannot be loaded.
+    """
+    import transformers as T
+
+    folder = Path(cfg.teacher).expanduser()
+    if folder.exists():
+        _check_teacher_folder(folder)
+    elif _looks_like_path(cfg.teacher):
+        raise CacheTeacherError(f"teacher {cfg.teacher!r} is not a local folder and not a Hub id of the form "
+                                "org/name")
+    try:
+        tokenizer = T.AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+        config = T.AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        where = "cannot be loaded" if folder.exists() else "is not a local folder and not loadable from the Hub"
+        raise CacheTeacherError(f"teacher {cfg.teacher!r} {where}: {' '.join(str(e).split())}") from e
+    causal = type(config) in T.MODEL_FOR_CAUSAL_LM_MAPPING or (
+        cfg.trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}))
+    if not causal:
+        raise CacheTeacherError(f"teacher {cfg.teacher} is a {config.model_type!r} model, which "
+                                "AutoModelForCausalLM cannot load: the cache needs a causal LM's next-token logits")
+    return tokenizer, config
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` is bf16 on a GPU and fp32 on CPU (where bf16 matmuls are slow without AMX)."""
     return DTYPES[name] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -182,30 +278,27 @@ def cache_teacher(cfg: CacheTeacherConfig) -> tc.CacheMeta | None:
         The index attributes on rank 0, None on other ranks.
 
     Raises:
-        CacheTeacherError: the teacher cannot be loaded, its vocabulary is smaller than its tokenizer's or
-            than k, or the requested quantisation is unavailable.
-        moe_ds.corpus.CorpusError: missing, empty or too short corpus.
-        moe_ds.teacher_cache.CacheFormatError: an existing shard belongs to another run.
+        CacheTeacherError: the teacher folder is missing or incomplete, is not a causal LM, cannot score its
+            tokenizer's ids, has fewer positions than ``seq_len`` or cannot be loaded as requested.
+        moe_ds.corpus.CorpusError: missing, empty, malformed or too short corpus.
+        moe_ds.run_layout.OutputError: the output's folder is a file or cannot be written.
+        moe_ds.teacher_cache.CacheFormatError: the output, or a shard, holds a cache of another run (or
+            something else) and ``overwrite`` is off, or a shard is open in another process.
     """
-    import transformers as T
-
     info = init_distributed()
     setup_logging(info)
     device = device_for(info)
     output = Path(cfg.output)
     t0 = time.time()
 
-    # Everything that can be refused is checked before the teacher is loaded or a byte is written.
-    try:
-        tokenizer = T.AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-        config = T.AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-    except OSError as e:
-        where = "a folder without a loadable tokenizer and config" if Path(cfg.teacher).is_dir() else (
-            "not a local folder and not loadable from the Hub")
-        raise CacheTeacherError(f"teacher {cfg.teacher!r} is {where}: {' '.join(str(e).split())}") from e
+    # Every rank checks everything that can be refused, alike, before any rank writes a byte.
+    tokenizer, config = load_teacher_files(cfg)
     vocab_size = _vocab_size(config)
     tok_name, tok_hash, tok_size = tc.tokenizer_fingerprint(tokenizer)
     check_teacher_vocab(vocab_size, tok_size, cfg.top_k)
+    check_teacher_positions(config, cfg.seq_len)
+    if output.is_dir():
+        raise CacheTeacherError(f"output {output} is a folder, not an .h5 file")
     corpus = load_corpus(cfg.data, cfg.text_field, cfg.split, cfg.dataset_config)
     sequences = pack_sequences(corpus.documents, tokenizer, cfg.seq_len, cfg.max_sequences, name=cfg.data)
     first = next(sequences)  # raises CorpusError for an empty or too short corpus
@@ -221,8 +314,19 @@ def cache_teacher(cfg: CacheTeacherConfig) -> tc.CacheMeta | None:
                         seq_len=cfg.seq_len, dataset=dataset, logits_dtype="float16",
                         teacher_dtype=f"{precision}@{device.type}", compression=cfg.compression,
                         world_size=info.world_size)
+    finished = _finished_cache(output, meta, cfg.overwrite)
+    if finished is not None:
+        log_main("%s is already a finished cache of this configuration; nothing to do", output)
+        return finished if info.is_main else None
+    check_output_dir(output.parent, "output")
+    check_output_dir(tc.shard_dir(output), "cache shard")
+    if not cfg.overwrite:  # raises for a shard of another run or one open elsewhere; unreadable ones go aside
+        for r in range(info.world_size):
+            tc.inspect_shard(tc.shard_path(output, r, info.world_size), meta)
+    barrier()  # every rank has checked before any rank writes
+
     if info.is_main:
-        # A stale index must not present shards that are about to change.
+        # A stale index (its shards changed, or --overwrite) must not present shards that are about to change.
         output.unlink(missing_ok=True)
         tc.shard_dir(output).mkdir(parents=True, exist_ok=True)
         write_json_atomic(tc.shard_dir(output) / RUN_CONFIG, asdict(cfg))
@@ -241,11 +345,11 @@ def cache_teacher(cfg: CacheTeacherConfig) -> tc.CacheMeta | None:
     else:
         if resumed:
             logger.info("resuming %s after %d sequences", writer.path, resumed)
-        model, precision = load_teacher(cfg, device)
-        log_main("teacher %s (%s) on %s, vocabulary %d, tokenizer %d, k=%d, T=%d, %d rank(s)", cfg.teacher,
-                 precision, device, vocab_size, tok_size, cfg.top_k, cfg.seq_len, info.world_size)
-        mine = islice(sequences, info.rank, None, info.world_size)
         try:
+            model, precision = load_teacher(cfg, device)
+            log_main("teacher %s (%s) on %s, vocabulary %d, tokenizer %d, k=%d, T=%d, %d rank(s)", cfg.teacher,
+                     precision, device, vocab_size, tok_size, cfg.top_k, cfg.seq_len, info.world_size)
+            mine = islice(sequences, info.rank, None, info.world_size)
             _run_shard(cfg, model, writer, islice(mine, resumed, None), device, info.rank, info.world_size)
         finally:
             writer.close()  # after an error: what was flushed stays resumable, never marked complete
@@ -262,6 +366,33 @@ def cache_teacher(cfg: CacheTeacherConfig) -> tc.CacheMeta | None:
              "(compression %s), %.1f s wall", index.num_sequences, index.seq_len, index.num_tokens,
              info.world_size, output, size, size / index.num_tokens, index.compression, wall)
     return index
+
+
+def _finished_cache(output: Path, meta: tc.CacheMeta, overwrite: bool) -> tc.CacheMeta | None:
+    """The attributes of the finished cache of this configuration at ``output``, or None when there is work.
+
+    Reads only. A finished cache written with another rank count holds the same sequences and counts as
+    this configuration's. An index whose shards have since gone missing or been damaged is stale: None.
+
+    Raises:
+        CacheFormatError: ``output`` is not a readable cache, or a finished cache of another configuration,
+            and ``overwrite`` is off.
+    """
+    if overwrite or not output.exists():
+        return None
+    again = "pass --overwrite to replace it, or choose another --output"
+    try:
+        existing = tc.read_meta(output)
+    except tc.CacheFormatError as e:
+        raise tc.CacheFormatError(f"{e}; {again}") from e
+    what = tc.identity_diff(existing, meta, skip=("world_size",))
+    if what:
+        raise tc.CacheFormatError(f"{output} is a finished cache of a different run ({what}); {again}")
+    try:
+        return tc.read_cache(output)[0]
+    except tc.CacheFormatError as e:
+        log_main("%s is stale (%s); recomputing what is missing and rebuilding it", output, e)
+        return None
 
 
 def _shard_done(path: Path) -> bool:

@@ -2,12 +2,16 @@
 
 Loading goes through ``datasets.load_dataset(..., streaming=True)`` for every source, so a local JSONL file
 and a multi-terabyte hub dataset (``HuggingFaceFW/fineweb-edu``, config ``sample-10BT``) are read the same
-way, document by document, in the source's order. Packing is deterministic: documents are tokenised without
+way, document by document, in the source's order (JSON-lines files are read line by line here, so that a
+malformed line is reported by file and line number). Packing is deterministic: documents are tokenised without
 special tokens, each followed by the tokenizer's EOS id (when it has one), concatenated, and cut into
 consecutive sequences of exactly ``seq_len`` tokens; the tail shorter than one sequence is dropped. The
 resulting order does not depend on how many ranks consume it.
 """
 
+import contextlib
+import gzip
+import json
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,6 +23,7 @@ logger = logging.getLogger("moe_ds")
 # file suffix -> datasets builder
 _FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet",
             ".txt": "text", ".text": "text", ".md": "text"}
+_JSON_LINES = (".jsonl", ".jsonl.gz")  # read by _jsonl_rows; .json may hold one array, so datasets reads it
 
 
 class CorpusError(ValueError):
@@ -87,8 +92,9 @@ def load_corpus(data: str, text_field: str | None = None, split: str = "train",
         dataset_config: hub dataset configuration, e.g. "sample-10BT" for fineweb-edu.
 
     Raises:
-        CorpusError: a local path does not exist or has an unknown type, a hub dataset cannot be loaded, or
-            the text field cannot be found.
+        CorpusError: a local path does not exist or has an unknown type, a local file cannot be parsed (a
+            JSON-lines error names the file and its 1-based line), a hub dataset cannot be loaded, or the text
+            field cannot be found. Errors inside a file may only surface while ``documents`` is iterated.
     """
     import datasets
 
@@ -97,9 +103,18 @@ def load_corpus(data: str, text_field: str | None = None, split: str = "train",
         if not path.exists():
             raise CorpusError(f"data path {data} does not exist")
         fmt, files = _local_files(path)
-        kwargs = {"sample_by": "document"} if fmt == "text" else {}
-        ds = datasets.load_dataset(fmt, data_files=files, split="train", streaming=True, **kwargs)
         source = f"{fmt}:{path.resolve()}"
+        if all(f.lower().endswith(_JSON_LINES) for f in files):
+            return Corpus(_jsonl_rows(files), source, text_field, data)
+        kwargs = {"sample_by": "document"} if fmt == "text" else {}
+        try:
+            with _quiet_datasets():  # it logs a parse error before raising it; the CorpusError says it once
+                ds = datasets.load_dataset(fmt, data_files=files, split="train", streaming=True, **kwargs)
+        except StopIteration as e:  # the builder found not one record to infer a schema from
+            raise CorpusError(f"{data} is empty: it holds no non-empty text") from e
+        except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+            raise _unreadable(data, fmt, e) from e
+        return Corpus(_reported_rows(ds, data, fmt), source, text_field, data)
     else:
         try:
             ds = datasets.load_dataset(data, dataset_config, split=split, streaming=True)
@@ -108,6 +123,65 @@ def load_corpus(data: str, text_field: str | None = None, split: str = "train",
                               f"misspelt name/config?): {type(e).__name__}: {e}") from e
         source = f"hub:{data}" + (f"/{dataset_config}" if dataset_config else "") + f":{split}"
     return Corpus(ds, source, text_field, data)
+
+
+def _jsonl_rows(files: list[str]) -> Iterator[dict]:
+    """The records of JSON-lines files in order, one per non-blank line.
+
+    Raises:
+        CorpusError: a line is not valid JSON, not an object, or not UTF-8 (naming the file and 1-based line).
+    """
+    for file in files:
+        opener = gzip.open if file.lower().endswith(".gz") else open
+        with opener(file, "rt", encoding="utf-8") as f:
+            n = 0
+            try:
+                for n, line in enumerate(f, 1):
+                    line = line.rstrip("\r\n")
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise CorpusError(f"{file}: line {n} is not valid JSON ({e.msg} at column {e.pos + 1})") from e
+                    if not isinstance(row, dict):
+                        raise CorpusError(f"{file}: line {n} holds a JSON {_json_kind(row)}, not an object")
+                    yield row
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{file}: line {n + 1} is not UTF-8 text ({e.reason})") from e
+            except (EOFError, gzip.BadGzipFile) as e:
+                raise CorpusError(f"{file}: not a readable gzip file after line {n} ({e})") from e
+
+
+def _json_kind(value) -> str:
+    return {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _unreadable(data: str, fmt: str, error: Exception) -> CorpusError:
+    return CorpusError(f"{data} cannot be read as {fmt} ({type(error).__name__}: {' '.join(str(error).split())})")
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """Silence the ``datasets`` library's own log lines for a while (restored after)."""
+    log = logging.getLogger("datasets")
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _reported_rows(rows: Iterable[dict], data: str, fmt: str) -> Iterator[dict]:
+    """``rows`` of local files, a parse error met while streaming them reported once, as a CorpusError."""
+    import datasets
+
+    try:
+        with _quiet_datasets():
+            yield from rows
+    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+        raise _unreadable(data, fmt, e) from e
 
 
 def _pick_field(row: dict, data: str) -> str:

@@ -241,16 +241,94 @@ def check_tokenizer_compatible(meta: CacheMeta, tokenizer=None, vocab_size: int 
                                      f"{meta.vocab_size}; top-k ids and logsumexp would not line up")
 
 
+def identity_diff(existing: CacheMeta, requested: CacheMeta, skip: tuple[str, ...] = ()) -> str:
+    """``"k: existing 8 != requested 4; ..."`` for the identity fields that differ (empty when none do)."""
+    theirs, mine = existing.identity(), requested.identity()
+    return "; ".join(f"{k}: existing {theirs[k]!r} != requested {mine[k]!r}" for k in mine
+                     if k not in skip and mine[k] != theirs[k])
+
+
+def _is_lock_error(error: OSError) -> bool:
+    """HDF5's own refusal to lock a file another process holds open; not any message containing "lock" (the
+    message of a truncated file names ``sblock->base_addr``)."""
+    return "unable to lock file" in str(error)
+
+
+def inspect_shard(path: str | Path, meta: CacheMeta) -> tuple[CacheMeta | None, str | None]:
+    """What a rerun of the run ``meta`` can do with the shard at ``path``; reads only, writes nothing.
+
+    Returns:
+        ``(None, None)``: there is no shard. ``(attributes, None)``: it can be resumed (or is complete); its
+        rows up to ``num_sequences`` are present and the last of them reads back. ``(None, why)``: it cannot be
+        read as a shard (truncated, zero bytes, killed before its attributes were written, rows missing) and
+        must be set aside and recomputed.
+
+    Raises:
+        CacheFormatError: another process holds it open, it was written by another format version, or by a
+            run with other attributes (other teacher, tokenizer, k, T, data, dtype, compression or world size).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None, None
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        if _is_lock_error(e):
+            raise CacheFormatError(f"{path} is open in another process (another caching run on the same output?): "
+                                   f"{e}") from e
+        return None, f"not readable as HDF5: {e}"
+    with f:
+        version = None
+        try:
+            version = f.attrs.get("format_version")
+            old = CacheMeta.from_attrs(f.attrs, path)
+        except CacheFormatError as e:
+            if version is not None and int(version) != FORMAT_VERSION:
+                raise  # another moe_ds version's shard: not ours to set aside
+            return None, str(e)  # killed before its attributes were all written
+        except (OSError, KeyError, ValueError, RuntimeError) as e:  # damaged metadata
+            return None, f"its attributes cannot be read: {e}"
+        what = identity_diff(old, meta)
+        if what:
+            raise CacheFormatError(f"{path} was written by a different run ({what}); pass --overwrite or choose "
+                                   "another --output")
+        n = old.num_sequences
+        try:
+            for name, (dtype, trailing) in _DATASETS.items():
+                if name not in f:
+                    return None, f"dataset '{name}' is missing"
+                d, tail = f[name], trailing(meta.seq_len, meta.k)
+                if d.shape[1:] != tail or d.dtype != dtype or d.shape[0] < n or (old.complete and d.shape[0] != n):
+                    return None, f"dataset '{name}' is {d.shape} {d.dtype} for {n} sequences"
+                if n:
+                    d[n - 1]  # the last counted row reads back (its Fletcher-32 checksum holds)
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            return None, f"its rows cannot be read: {e}"
+    return old, None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename ``path`` to ``PATH.broken`` (``.broken-2``, ... when taken); returns the new path. Never deletes."""
+    aside, n = path.with_name(path.name + ".broken"), 2
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.broken-{n}"), n + 1
+    os.replace(path, aside)
+    return aside
+
+
 class ShardWriter:
     """Appends packed sequences and their teacher top-k to one rank's shard; resumes a stopped shard.
 
     Rows are appended in batches; after each batch the row count attribute ``num_sequences`` is updated and
     the file flushed, so a killed run loses at most the batch in flight. ``finish`` sets ``complete`` last.
     The file is created on the first ``append``/``finish``, so a run that fails before writing leaves none.
+    A complete shard is only read, never held open.
     """
 
     def __init__(self, path: str | Path, meta: CacheMeta, overwrite: bool = False, gzip_level: int = 4):
         """Open (resume) or prepare a shard.
+
+        A shard that cannot be read (see ``inspect_shard``) is renamed to ``PATH.broken`` and started afresh.
 
         Args:
             path: shard file path (see ``shard_path``).
@@ -259,8 +337,8 @@ class ShardWriter:
             gzip_level: 0-9, used when ``meta.compression == "gzip"``.
 
         Raises:
-            CacheFormatError: an existing shard was written by a run with other attributes (other teacher,
-                tokenizer, k, T, data, dtype, compression or world size).
+            CacheFormatError: see ``inspect_shard``: open in another process, another format version, or
+                written by a run with other attributes.
         """
         if meta.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {meta.compression!r}")
@@ -269,8 +347,16 @@ class ShardWriter:
         self._f: h5py.File | None = None
         if self.path.exists() and overwrite:
             self.path.unlink()
-        if self.path.exists():
-            self._resume()
+        old, why = inspect_shard(self.path, self.meta)
+        if why is not None:  # kept for inspection, never deleted
+            aside = set_aside(self.path)
+            logger.warning("%s cannot be resumed (%s); moved it to %s and recomputing its sequences", self.path, why,
+                           aside)
+        elif old is not None:
+            self.meta = replace(self.meta, num_sequences=old.num_sequences, complete=old.complete,
+                                created=old.created)
+            if not old.complete:
+                self._resume()
 
     @property
     def num_done(self) -> int:
@@ -282,34 +368,16 @@ class ShardWriter:
 
     def _resume(self) -> None:
         try:
-            f = h5py.File(self.path, "a")
+            f = h5py.File(self.path, "r+")
         except OSError as e:
-            if "lock" in str(e).lower():
+            if _is_lock_error(e):
                 raise CacheFormatError(f"{self.path} is open in another process (another caching run on the same "
                                        f"output?): {e}") from e
-            # A kill during a flush can leave the file unreadable: keep it for inspection, restart the shard.
-            broken = self.path.with_suffix(".h5.broken")
-            os.replace(self.path, broken)
-            logger.warning("%s cannot be reopened (%s); moved to %s and restarting this shard", self.path, e,
-                           broken)
-            return
-        try:
-            old = CacheMeta.from_attrs(f.attrs, self.path)
-        except CacheFormatError:
-            f.close()
             raise
-        mine, theirs = self.meta.identity(), old.identity()
-        diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
-        if diff:
-            f.close()
-            what = "; ".join(f"{k}: existing {a!r} != requested {b!r}" for k, (a, b) in diff.items())
-            raise CacheFormatError(f"{self.path} was written by a different run ({what}); pass --overwrite "
-                                   "or choose another --output")
         # Rows past the last flushed count belong to a batch that was in flight when the run stopped.
         for name in _DATASETS:
-            f[name].resize(old.num_sequences, axis=0)
-        self._f, self.meta = f, replace(self.meta, num_sequences=old.num_sequences, complete=old.complete,
-                                        created=old.created)
+            f[name].resize(self.num_done, axis=0)
+        self._f = f
 
     def _create(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -440,6 +508,19 @@ def write_index(output: str | Path, world_size: int) -> CacheMeta:
     return meta
 
 
+def read_cache(path: str | Path) -> tuple[CacheMeta, list[Path]]:
+    """The attributes of a finished cache and its shard paths, the index and every shard validated.
+
+    Raises:
+        CacheFormatError: the index or a shard is missing, truncated, corrupted, incomplete, of an unknown
+            version or inconsistent with the index.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    paths, _ = _shard_metas(path, meta)
+    return meta, paths
+
+
 class TeacherCacheDataset(torch.utils.data.Dataset):
     """Packed sequences with their teacher top-k, in the cache's global order.
 
@@ -473,8 +554,7 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
             TokenizerMismatchError: the student's tokenizer or vocabulary differs from the cache's.
         """
         self.path = Path(path)
-        self.meta = read_meta(self.path)
-        self.shard_paths, _ = _shard_metas(self.path, self.meta)
+        self.meta, self.shard_paths = read_cache(self.path)
         check_tokenizer_compatible(self.meta, tokenizer, vocab_size)
         self._files: dict[int, h5py.File] = {}
         self._pid = os.getpid()

@@ -1,9 +1,15 @@
 """Teacher top-k cache: format round trip, validation of bad input, and the real 2-rank caching pass."""
 
+import gzip
+import importlib.util
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
-from dataclasses import asdict
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import h5py
@@ -17,6 +23,7 @@ from conftest import REPO, SHARED_DATA, launcher_env, tiny_model
 from moe_ds import teacher_cache as tc
 from moe_ds.cache_teacher import (RUN_CONFIG, STOP_AFTER_ENV, CacheTeacherConfig, CacheTeacherError, cache_teacher,
                                   check_teacher_vocab, load_teacher, teacher_topk)
+from moe_ds.cli import run
 from moe_ds.corpus import CorpusError, load_corpus, pack_sequences
 
 WIKITEXT = SHARED_DATA / "wikitext2_raw_test_docs.jsonl"
@@ -145,6 +152,74 @@ def test_writer_refuses_bad_rows(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         w.append(rows["input_ids"][:, :4], rows["topk_ids"], rows["topk_logits"], rows["logsumexp"])
     assert not (tmp_path / "s.h5").exists()  # nothing written for refused rows
+
+
+def _stopped_shard(path: Path, meta: tc.CacheMeta, n: int = 3) -> dict[str, np.ndarray]:
+    """A shard with ``n`` flushed rows that was never finished (a stopped run)."""
+    rows = _random_rows(n, meta, 2)
+    w = tc.ShardWriter(path, meta)
+    w.append(*(rows[n] for n in ("input_ids", "topk_ids", "topk_logits", "logsumexp")))
+    w.close()
+    return rows
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero bytes", "no attributes"])
+def test_writer_moves_an_unreadable_shard_aside_and_restarts(tmp_path, caplog, damage):
+    """A full disk or a kill can leave a shard HDF5 cannot open (its "truncated file ... sblock" message once
+    read as a lock, so every rerun refused): it is renamed, never deleted, and its sequences recomputed."""
+    meta = _meta(world_size=1)
+    path = tc.shard_path(tmp_path / "c.h5", 0, 1)
+    _stopped_shard(path, meta)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:3000])
+    elif damage == "zero bytes":
+        path.write_bytes(b"")
+    else:  # killed between creating the file and writing its attributes
+        with h5py.File(path, "w") as f:
+            f.create_dataset("input_ids", shape=(0, 8), maxshape=(None, 8), dtype=np.int32)
+    damaged = path.read_bytes()
+    w = tc.ShardWriter(path, meta)
+    assert w.num_done == 0 and not w.complete and not path.exists()
+    aside = path.with_name(path.name + ".broken")
+    assert aside.read_bytes() == damaged
+    assert f"{path} cannot be resumed" in caplog.text and f"moved it to {aside}" in caplog.text
+    assert "recomputing its sequences" in caplog.text
+    rows = _random_rows(2, meta, 3)
+    w.append(*(rows[n] for n in ("input_ids", "topk_ids", "topk_logits", "logsumexp")))
+    assert w.finish().num_sequences == 2
+    path.write_bytes(b"")  # damaged again: the first copy set aside stays
+    tc.ShardWriter(path, meta)
+    assert aside.read_bytes() == damaged and path.with_name(path.name + ".broken-2").read_bytes() == b""
+
+
+def test_writer_refuses_a_shard_open_in_another_process(tmp_path):
+    meta = _meta(world_size=1)
+    path = tc.shard_path(tmp_path / "c.h5", 0, 1)
+    _stopped_shard(path, meta)
+    holder = subprocess.Popen([sys.executable, "-c", (f"import h5py, sys, time; f = h5py.File({str(path)!r}, 'a'); "
+                               "print('open', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        before = path.read_bytes()
+        with pytest.raises(tc.CacheFormatError, match="is open in another process"):
+            tc.ShardWriter(path, meta)
+        assert path.read_bytes() == before and not path.with_name(path.name + ".broken").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_writer_leaves_a_complete_shard_closed(tmp_path):
+    """A complete shard is not held open: the index can be written from it in the same or another process."""
+    meta = _meta(world_size=1)
+    path = tc.shard_path(tmp_path / "c.h5", 0, 1)
+    _write_cache(tmp_path / "c.h5", meta, n=4)
+    before = path.read_bytes()
+    w = tc.ShardWriter(path, meta)
+    assert w.complete and w.num_done == 4 and w._f is None
+    assert path.read_bytes() == before
+    with h5py.File(path, "r+"):  # no handle of ours keeps it open
+        pass
 
 
 # ----------------------------------------------------------------------------------------------- bad files
@@ -298,6 +373,48 @@ def test_local_formats_and_text_field(tmp_path):
             list(load_corpus("no-such-owner/no-such-dataset").documents)
 
 
+def test_jsonl_zero_bytes_is_an_empty_corpus(tmp_path, tiny_tokenizer):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    name = str(tmp_path / "empty.jsonl")
+    with pytest.raises(CorpusError, match=f"^{name} is empty: it holds no non-empty text$"):
+        list(pack_sequences(load_corpus(name).documents, tiny_tokenizer, 16, name=name))
+
+
+def test_malformed_jsonl_names_the_file_and_line(tmp_path):
+    good = "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5000))
+    (tmp_path / "bad.jsonl").write_text(good + '{"text": "x"\n' + good)
+    with pytest.raises(CorpusError, match=r"bad.jsonl: line 5001 is not valid JSON \(Expecting ',' delimiter at "
+                                          r"column 13\)$"):
+        list(load_corpus(str(tmp_path / "bad.jsonl")).documents)
+    (tmp_path / "list.jsonl").write_text('{"text": "a"}\n[1, 2]\n')
+    with pytest.raises(CorpusError, match=r"list.jsonl: line 2 holds a JSON list, not an object"):
+        list(load_corpus(str(tmp_path / "list.jsonl")).documents)
+    folder = tmp_path / "two"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(good)
+    (folder / "b.jsonl").write_text('{"text": "fine"}\n\n{"text": oops}\n')
+    with pytest.raises(CorpusError, match=r"two/b.jsonl: line 3 is not valid JSON"):
+        list(load_corpus(str(folder)).documents)
+
+
+def test_jsonl_documents_equal_the_datasets_reader(tmp_path):
+    """The JSONL reader yields what ``datasets``' json builder does (a cache's contents do not change)."""
+    import datasets
+
+    rows = [{"text": "plain"}, {"text": "tab\tquote\" unicode é 中文 \u2028 emoji 😀"}, {"text": ""},
+            {"text": "last", "meta": {"n": 1}}]
+    body = "\n".join(json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in enumerate(rows)) + "\n\n"
+    (tmp_path / "a.jsonl").write_text(body)
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write(body)
+    for name in ("a.jsonl", "b.jsonl.gz"):
+        ref = [r["text"] for r in datasets.load_dataset("json", data_files=str(tmp_path / name), split="train",
+                                                         streaming=True)]
+        corpus = load_corpus(str(tmp_path / name))
+        assert list(corpus.documents) == ref
+        assert corpus.description == f"json:{(tmp_path / name).resolve()} field=text"
+
+
 # ----------------------------------------------------------------------------------------------- the pass, in process
 
 def _jsonl(path: Path, texts) -> str:
@@ -347,7 +464,7 @@ def test_pass_single_process_and_quantized_teacher(tmp_path, tiny_lm_dir, stdlib
 def test_pass_refuses_missing_teacher_and_writes_nothing(tmp_path):
     cfg = CacheTeacherConfig(teacher=str(tmp_path / "no-teacher"), data=_jsonl(tmp_path / "c.jsonl", ["text"]),
                              output=str(tmp_path / "out" / "c.h5"))
-    with pytest.raises(CacheTeacherError, match="no-teacher' is not a local folder and not loadable from the Hub"):
+    with pytest.raises(CacheTeacherError, match="no-teacher' is not a local folder and not a Hub id of the form"):
         cache_teacher(cfg)
     assert not (tmp_path / "out").exists()
 
@@ -359,6 +476,76 @@ def test_quantize_without_bitsandbytes_says_so(monkeypatch, tiny_lm_dir, tmp_pat
         load_teacher(cfg, torch.device("cpu"))
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def small_pass(tmp_path, tiny_lm_dir, stdlib_text) -> CacheTeacherConfig:
+    data = _jsonl(tmp_path / "c.jsonl", [stdlib_text[i:i + 2000] for i in range(0, 20_000, 2000)])
+    return CacheTeacherConfig(teacher=str(tiny_lm_dir), data=data, output=str(tmp_path / "out" / "c.h5"), top_k=8,
+                              seq_len=32, max_sequences=6, batch_size=4)
+
+
+def test_rerun_of_a_finished_cache_returns_at_once_and_changes_nothing(tmp_path, small_pass, capsys):
+    first = cache_teacher(small_pass)
+    before = _snapshot(tmp_path / "out")
+    capsys.readouterr()
+    t0 = time.time()
+    again = cache_teacher(small_pass)
+    assert time.time() - t0 < 10
+    assert again == first
+    assert _snapshot(tmp_path / "out") == before  # byte-identical: index, shard and cache_config.json
+    assert f"{small_pass.output} is already a finished cache of this configuration; nothing to do" in \
+        capsys.readouterr().err
+
+
+def test_refused_rerun_changes_nothing(tmp_path, small_pass):
+    """Checked first, written after: a refused command neither deletes the index nor rewrites the config."""
+    cache_teacher(small_pass)
+    before = _snapshot(tmp_path / "out")
+    with pytest.raises(tc.CacheFormatError, match=r"c.h5 is a finished cache of a different run \(k: existing 8 != "
+                                                  r"requested 4\); pass --overwrite to replace it, or choose another "
+                                                  r"--output$"):
+        cache_teacher(replace(small_pass, top_k=4))
+    assert _snapshot(tmp_path / "out") == before
+    # A stopped run (no index, an unfinished shard) refuses another configuration the same way.
+    Path(small_pass.output).unlink()
+    shard = tc.shard_path(small_pass.output, 0, 1)
+    with h5py.File(shard, "a") as f:
+        f.attrs["complete"] = False
+    before = _snapshot(tmp_path / "out")
+    with pytest.raises(tc.CacheFormatError, match=r"rank-00000-of-00001.h5 was written by a different run "
+                                                  r"\(k: existing 8 != requested 4.*\); pass --overwrite"):
+        cache_teacher(replace(small_pass, top_k=4))
+    assert _snapshot(tmp_path / "out") == before
+
+
+def test_rerun_rebuilds_a_missing_index_and_resumes_a_damaged_shard(tmp_path, small_pass, capsys):
+    first = cache_teacher(small_pass)
+    shard = tc.shard_path(small_pass.output, 0, 1)
+    reference = {name: tc.TeacherCacheDataset(small_pass.output)[0][name] for name in ("topk_ids", "logsumexp")}
+    shard_bytes = shard.read_bytes()
+    Path(small_pass.output).unlink()  # killed while writing the index
+    assert cache_teacher(small_pass).identity() == first.identity()
+    assert shard.read_bytes() == shard_bytes  # the complete shard is reused as it is
+    shard.write_bytes(shard_bytes[: len(shard_bytes) // 3])  # a full disk cut it short; the index is now stale
+    capsys.readouterr()
+    assert cache_teacher(small_pass).num_sequences == 6
+    assert "moved it to" in capsys.readouterr().err
+    assert shard.with_name(shard.name + ".broken").stat().st_size == len(shard_bytes) // 3
+    item = tc.TeacherCacheDataset(small_pass.output)[0]
+    for name, value in reference.items():
+        assert torch.equal(item[name], value)
+
+
+def test_pass_refuses_seq_len_beyond_the_teachers_positions(tmp_path, small_pass):
+    with pytest.raises(CacheTeacherError, match="^--seq-len 300 exceeds the teacher's max_position_embeddings of 256"):
+        cache_teacher(replace(small_pass, seq_len=300))
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------------------------- the real script
 
 def _corpus_file(tmp_path: Path, stdlib_text: str) -> Path:
@@ -368,21 +555,37 @@ def _corpus_file(tmp_path: Path, stdlib_text: str) -> Path:
     return Path(_jsonl(tmp_path / "stdlib.jsonl", [stdlib_text[i:i + 3000] for i in range(0, 60_000, 3000)]))
 
 
-def _run_script(teacher, data, out, **env):
+def _run_script(teacher, data, out, *extra, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    """``bash launch/cache_teacher.sh`` with 2 ranks in its own process group; a run still going after ``timeout``
+    seconds is killed with every rank and fails the test (a hang must not block the suite)."""
     cmd = ["bash", str(REPO / "launch" / "cache_teacher.sh"), "--teacher", str(teacher), "--data", str(data),
            "--output", str(out), "--top-k", "8", "--seq-len", "48", "--nproc", "2", "--max-sequences", "11",
-           "--batch-size", "2"]
-    return subprocess.run(cmd, cwd=REPO, env=launcher_env(**env), capture_output=True, text=True, timeout=300,
-                          check=False)
+           "--batch-size", "2", *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out_, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out_, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} still running after {timeout} s (hung?): {(out_ + err)[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out_, err)
+
+
+@pytest.fixture(scope="module")
+def two_rank_cache(tmp_path_factory, tiny_lm_dir, stdlib_text) -> tuple[Path, Path, str]:
+    """(corpus, cache, log) of one uninterrupted 2-rank run of the script; tests copy it before changing it."""
+    root = tmp_path_factory.mktemp("two_rank_cache")
+    data = _corpus_file(root, stdlib_text)
+    out = root / "full" / "cache.h5"
+    proc = _run_script(tiny_lm_dir, data, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return data, out, proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
-def test_script_two_ranks_matches_direct_forward_and_resumes(tmp_path, tiny_lm_dir, stdlib_text):
-    data = _corpus_file(tmp_path, stdlib_text)
-    out = tmp_path / "full" / "cache.h5"
-    proc = _run_script(tiny_lm_dir, data, out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
+def test_script_two_ranks_matches_direct_forward_and_resumes(tmp_path, tiny_lm_dir, two_rank_cache):
+    data, out, log = two_rank_cache
     assert "cached 11 sequences x 48 = 528 tokens from 2 rank(s)" in log and "bytes/token" in log
     assert "tok/s" in log
 
@@ -433,3 +636,159 @@ def test_script_two_ranks_matches_direct_forward_and_resumes(tmp_path, tiny_lm_d
         skip = {"created"}
         assert {k: v for k, v in a.attrs.items() if k not in skip} == {k: v for k, v in b.attrs.items()
                                                                         if k not in skip}
+
+
+@pytest.mark.slow
+def test_script_rerun_of_a_finished_cache_returns_at_once_and_changes_nothing(tmp_path, tiny_lm_dir, two_rank_cache):
+    """Two ranks (#17 item 1: rank 0 deleted the index, kept its finished shard open and waited for it forever)."""
+    data, finished, _ = two_rank_cache
+    shutil.copytree(finished.parent, tmp_path / "run")  # the index names its shards by relative path
+    out = tmp_path / "run" / finished.name
+    before = _snapshot(out.parent)
+    proc = _run_script(tiny_lm_dir, data, out, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{out} is already a finished cache of this configuration; nothing to do" in proc.stdout + proc.stderr
+    assert _snapshot(out.parent) == before
+    # Refused (another k): nothing changes, on every rank.
+    proc = _run_script(tiny_lm_dir, data, out, "--top-k", "4", timeout=60)
+    assert proc.returncode == 2 and "k: existing 8 != requested 4" in proc.stderr
+    assert _snapshot(out.parent) == before
+    # Killed while writing the index: both shards are finished; the rerun rebuilds the index from them.
+    out.unlink()
+    proc = _run_script(tiny_lm_dir, data, out, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = _snapshot(out.parent)
+    rewritten = {out.name, f"{tc.shard_dir(out).name}/{RUN_CONFIG}"}  # the index; the config names this --output
+    assert {k: v for k, v in after.items() if k not in rewritten} == \
+        {k: v for k, v in before.items() if k not in rewritten}
+    assert len(tc.TeacherCacheDataset(out)) == 11
+
+
+# ----------------------------------------------------------------------------------------------- bad input, one line
+
+def _launcher():
+    spec = importlib.util.spec_from_file_location("launch_cache_teacher", REPO / "launch" / "cache_teacher.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, tiny_lm_dir, tiny_tokenizer, stdlib_text) -> Path:
+    """Teacher folders, corpora and outputs that the cache stage must refuse."""
+    root = tmp_path_factory.mktemp("bad_cache_inputs")
+    ok = tiny_lm_dir
+    (root / "empty").mkdir()
+    (root / "a_file").write_text("not a folder")
+    (root / "bad_config").mkdir()
+    (root / "bad_config" / "config.json").write_text("{not json")
+    for name, keep in (("no_tokenizer", ("config.json", "model.safetensors")),
+                       ("no_weights", ("config.json", "tokenizer.json", "tokenizer_config.json")),
+                       ("truncated", ("config.json", "tokenizer.json", "tokenizer_config.json")),
+                       ("unknown_type", ("tokenizer.json", "tokenizer_config.json", "model.safetensors"))):
+        (root / name).mkdir()
+        for file in keep:
+            shutil.copy(ok / file, root / name / file)
+    weights = (ok / "model.safetensors").read_bytes()
+    (root / "truncated" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (root / "unknown_type" / "config.json").write_text(json.dumps({"model_type": "no_such_arch"}))
+    T.T5ForConditionalGeneration(T.T5Config(vocab_size=len(tiny_tokenizer), d_model=16, d_ff=32, num_layers=1,
+                                            num_heads=2, d_kv=8)).save_pretrained(root / "t5")
+    tiny_tokenizer.save_pretrained(root / "t5")
+    tiny_model("qwen3_moe", vocab_size=len(tiny_tokenizer) - 20).save_pretrained(root / "small_vocab")
+    tiny_tokenizer.save_pretrained(root / "small_vocab")
+    _jsonl(root / "data.jsonl", [stdlib_text[:5000]])
+    _jsonl(root / "short.jsonl", ["def f(): pass"])
+    (root / "empty.jsonl").write_bytes(b"")
+    (root / "empty.parquet").write_bytes(b"")
+    (root / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c" "d"}\n')
+    (root / "dir.h5").mkdir()
+    (root / "not_a_cache.h5").write_text("some other file")
+    return root
+
+
+# case -> (arguments replacing the defaults, the one-line message after "cache_teacher: error: "); {m}: bad_inputs,
+# {t}: the teacher that works
+CACHE_BAD_INPUTS = {
+    "missing teacher folder": (["--teacher", "{m}/nope"],
+                               "teacher '{m}/nope' is not a local folder and not a Hub id of the form org/name"),
+    "teacher is a file": (["--teacher", "{m}/a_file"], "teacher {m}/a_file is a file, not a model folder"),
+    "empty teacher folder": (["--teacher", "{m}/empty"], "teacher {m}/empty has no config.json: not a model folder"),
+    "unparsable teacher config": (["--teacher", "{m}/bad_config"], ("{m}/bad_config/config.json is not valid JSON "
+                                  "(Expecting property name enclosed in double quotes: line 1 column 2 (char 1))")),
+    "no tokenizer files": (["--teacher", "{m}/no_tokenizer"], ("teacher {m}/no_tokenizer has no tokenizer files "
+                           "(tokenizer.json, tokenizer_config.json, vocab.json, ...): save the teacher's tokenizer "
+                           "into it")),
+    "no weights": (["--teacher", "{m}/no_weights"], ("teacher {m}/no_weights holds no weights (model.safetensors, "
+                   "model.safetensors.index.json or pytorch_model.bin)")),
+    "truncated weights": (["--teacher", "{m}/truncated"], ("{m}/truncated/model.safetensors is not a readable "
+                          "safetensors file (Error while deserializing header: incomplete metadata, file not fully "
+                          "covered); it may be truncated or corrupted: re-download or re-save it")),
+    "unknown model type": (["--teacher", "{m}/unknown_type"], ("teacher {m}/unknown_type: model type 'no_such_arch' "
+                           f"is unknown to transformers {T.__version__}; update transformers, or pass "
+                           "--trust-remote-code for a model that ships its own code")),
+    "not a causal LM": (["--teacher", "{m}/t5"], ("teacher {m}/t5 is a 't5' model, which AutoModelForCausalLM cannot "
+                        "load: the cache needs a causal LM's next-token logits")),
+    "tokenizer beyond the vocabulary": (["--teacher", "{m}/small_vocab"], ("the tokenizer has 320 tokens but the "
+                                        "teacher's vocabulary has only 300: ids >= 300 cannot be scored (wrong "
+                                        "tokenizer for this teacher?)")),
+    "top-k beyond the vocabulary": (["--top-k", "400"], "--top-k 400 is larger than the teacher's vocabulary of 320"),
+    "seq-len beyond the positions": (["--seq-len", "300"], ("--seq-len 300 exceeds the teacher's "
+                                     "max_position_embeddings of 256: its logits past that position are unreliable; "
+                                     "lower --seq-len")),
+    "top-k below 1": (["--top-k", "0"], "top_k must be >= 1, got 0"),
+    "output not .h5": (["--output", "{o}/c.hdf"], "output must be an .h5 path, got '{o}/c.hdf'"),
+    "missing data": (["--data", "{m}/nope.jsonl"], "data path {m}/nope.jsonl does not exist"),
+    "zero-byte JSONL": (["--data", "{m}/empty.jsonl"], "{m}/empty.jsonl is empty: it holds no non-empty text"),
+    "malformed JSONL line": (["--data", "{m}/bad.jsonl"], ("{m}/bad.jsonl: line 3 is not valid JSON (Expecting ',' "
+                             "delimiter at column 14)")),
+    "zero-byte parquet": (["--data", "{m}/empty.parquet"], ("{m}/empty.parquet cannot be read as parquet "
+                          "(ArrowInvalid: Parquet file size is 0 bytes)")),
+    "data folder without text files": (["--data", "{m}/empty"], ("{m}/empty: no .jsonl/.json/.parquet/.txt files in "
+                                       "this folder")),
+    "corpus shorter than one sequence": (["--data", "{m}/short.jsonl"], ("{m}/short.jsonl has only 12 tokens (1 "
+                                         "documents), fewer than one sequence of 32; lower --seq-len or add text")),
+    "output is a folder": (["--output", "{m}/dir.h5"], "output {m}/dir.h5 is a folder, not an .h5 file"),
+    "output below a file": (["--output", "{m}/a_file/c.h5"], "output {m}/a_file is a file, not a folder"),
+    "output is not a cache": (["--output", "{m}/not_a_cache.h5"], ("{m}/not_a_cache.h5: cannot open as HDF5 "
+                              "(truncated or corrupted file): Unable to synchronously open file (file signature not "
+                              "found); pass --overwrite to replace it, or choose another --output")),
+}
+
+
+def _run_launcher(args: list[str], capsys) -> tuple[int, list[str]]:
+    launcher = _launcher()
+    code = run("cache_teacher", lambda: launcher.main(args), errors=launcher.ERRORS)
+    return code, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("case", sorted(CACHE_BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_inputs, tiny_lm_dir, tmp_path, capsys):
+    overrides, message = CACHE_BAD_INPUTS[case]
+    settings = {"--teacher": str(tiny_lm_dir), "--data": str(bad_inputs / "data.jsonl"),
+                "--output": str(tmp_path / "out" / "c.h5"), "--top-k": "4", "--seq-len": "32"}
+    fill = {"m": bad_inputs, "o": tmp_path / "out"}
+    settings.update(zip(overrides[::2], [v.format(**fill) for v in overrides[1::2]]))
+    before = _snapshot(bad_inputs)
+    code, err = _run_launcher([x for kv in settings.items() for x in kv], capsys)
+    assert (code, err) == (2, [f"cache_teacher: error: {message.format(**fill)}"])
+    assert not (tmp_path / "out").exists() and _snapshot(bad_inputs) == before  # refused before any write
+
+
+def test_read_only_output_is_one_line(tmp_path, bad_inputs, tiny_lm_dir, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    as_root = os.geteuid() == 0  # root writes through permission bits; an immutable folder stops it
+    if as_root and subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("running as root without chattr: no way to make a folder read-only")
+    try:
+        code, err = _run_launcher(["--teacher", str(tiny_lm_dir), "--data", str(bad_inputs / "data.jsonl"),
+                                   "--output", str(folder / "c.h5"), "--top-k", "4", "--seq-len", "32"], capsys)
+    finally:
+        if as_root:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o700)
+    reason = "Operation not permitted" if as_root else "Permission denied"
+    assert (code, err) == (2, [f"cache_teacher: error: cannot write output folder {folder}: {reason} ({folder})"])
+    assert list(folder.iterdir()) == []
