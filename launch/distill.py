@@ -14,11 +14,12 @@ import sys
 
 from moe_ds.checkpoint import CheckpointError
 from moe_ds.cli import parse_config, run
-from moe_ds.distill import DistillConfig, DistillConfigError, run_distill
+from moe_ds.distill import CheckpointWriteError, DistillConfig, DistillConfigError, run_distill
 from moe_ds.run_layout import OutputError
 from moe_ds.teacher_cache import CacheFormatError, TokenizerMismatchError
 
-ERRORS = (DistillConfigError, CheckpointError, CacheFormatError, TokenizerMismatchError, OutputError)
+ERRORS = (DistillConfigError, CheckpointError, CacheFormatError, TokenizerMismatchError, OutputError,
+          CheckpointWriteError)
 
 
 def config_from_args(argv=None) -> DistillConfig:

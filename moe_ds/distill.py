@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +30,10 @@ from .run_layout import (CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, check_output_di
                          complete_checkpoints, write_atomic)
 from .teacher_cache import CacheFormatError, TeacherCacheDataset
 
-__all__ = ["CONFIG_FILE", "DEFAULT_DEEPSPEED", "LOG_FILE", "PROBE_ENV", "DistillConfig", "DistillConfigError",
-           "DistillDataset", "DistillTrainer", "GroupConfig", "Prepared", "ResolvedGroup", "StageConfig",
-           "apply_groups", "check_deepspeed_config", "distill_loss", "log_groups", "parse_group", "prepare",
-           "resolve_groups", "run_distill", "stage_from_groups", "training_arguments"]
+__all__ = ["CONFIG_FILE", "DEFAULT_DEEPSPEED", "LOG_FILE", "PROBE_ENV", "CheckpointWriteError", "DistillConfig",
+           "DistillConfigError", "DistillDataset", "DistillTrainer", "GroupConfig", "Prepared", "ResolvedGroup",
+           "StageConfig", "apply_groups", "check_deepspeed_config", "distill_loss", "log_groups", "parse_group",
+           "prepare", "resolve_groups", "run_distill", "stage_from_groups", "training_arguments"]
 
 # A resume must keep these: the data order and the stage boundaries are functions of them.
 _RESUME_KEYS = ("stages", "batch_size", "gradient_accumulation_steps", "seed", "shuffle")
@@ -183,6 +184,31 @@ def _load_student(path: str | Path, cfg: DistillConfig):
         raise CheckpointError(f"cannot load the student from {path}: {e}") from e
 
 
+class CheckpointWriteError(RuntimeError):
+    """torch.save could not write a checkpoint (its C++ writer reports no errno; usually a full disk)."""
+
+
+def _torch_save_failure(error: BaseException) -> str | None:
+    """The first line of the innermost RuntimeError raised inside ``torch.save`` in ``error``'s chain, else None."""
+    found = None
+    while error is not None:
+        if isinstance(error, RuntimeError) and any(
+                f.filename.endswith(os.path.join("torch", "serialization.py"))
+                for f in traceback.extract_tb(error.__traceback__)):
+            found = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def _close_progress_bars(trainer) -> None:
+    from transformers.trainer_callback import ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+            callback.training_bar.close()
+            callback.training_bar = None
+
+
 def run_distill(cfg: DistillConfig) -> Path | None:
     """Distil on this rank (call on every rank of the launcher); returns the last checkpoint (None: nothing to do).
 
@@ -191,6 +217,7 @@ def run_distill(cfg: DistillConfig) -> Path | None:
 
     Raises:
         See ``prepare``: every refusal happens before the first step.
+        CheckpointWriteError: torch.save failed while writing a checkpoint (full disk); ``--resume`` continues.
     """
     info = dist_info()
     setup_logging(info)
@@ -252,7 +279,16 @@ def run_distill(cfg: DistillConfig) -> Path | None:
         trainer = DistillTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
                                  processing_class=prep.tokenizer, distill_cfg=cfg, stage_index=i,
                                  groups=prep.groups[i], ds_cfg=prep.ds_cfg)
-        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        except BaseException as e:
+            _close_progress_bars(trainer)  # or tqdm redraws them after the one-line error, at exit
+            reason = _torch_save_failure(e)
+            if reason is not None:
+                raise CheckpointWriteError(f"could not write a checkpoint in {output}: torch.save failed ({reason}); "
+                                           "the disk may be full or a file-size limit reached: free space and rerun "
+                                           "with --resume") from e
+            raise
         step, last = end, output / f"{CHECKPOINT_PREFIX}{end}"
         engine = getattr(trainer, "model_wrapped", None)
         if hasattr(engine, "destroy"):  # drop ZeRO-3 hooks and buffers before the next stage's engine

@@ -100,19 +100,19 @@ class EvalConfig:
                            ("data_dir", self.data_dir), ("ppl_file", self.ppl_file)):
             if path is not None and not Path(path).exists():
                 raise EvalError(f"{name}={path!r} does not exist")
-        for name, path in (("checkpoint", self.checkpoint), ("baseline", self.baseline)):
-            if path is not None and not (Path(path) / "config.json").is_file():
-                raise EvalError(f"{name} {path} has no config.json: not a model folder")
-            if path is not None and not has_tokenizer(path):
-                raise EvalError(f"{name} {path} has no tokenizer files ({TOKENIZER_FILES_TEXT})")
         if self.once and self.watch is not None and not Path(self.watch).exists():
             raise EvalError(f"watch={self.watch!r} does not exist (--once evaluates the checkpoints already there)")
-        ckpt = self.checkpoint
+        ckpt = self.checkpoint  # first: a checkpoint being written lacks files that the checks below look for
         if ckpt is not None and checkpoint_step(ckpt) is not None and not is_complete_checkpoint(ckpt) \
                 and not self.allow_incomplete:
             raise EvalError(f"{ckpt} has no {CHECKPOINT_COMPLETE} marker: distillation is still writing it, or "
                             "stopped before finishing it; wait for the marker, or pass --allow-incomplete to "
                             "evaluate it as it is")
+        for name, path in (("checkpoint", self.checkpoint), ("baseline", self.baseline)):
+            if path is not None and not (Path(path) / "config.json").is_file():
+                raise EvalError(f"{name} {path} has no config.json: not a model folder")
+            if path is not None and not has_tokenizer(path):
+                raise EvalError(f"{name} {path} has no tokenizer files ({TOKENIZER_FILES_TEXT})")
         if self.limit is not None and not (self.limit > 0):
             raise EvalError(f"limit must be > 0, got {self.limit}")
         if self.limit is not None and self.limit >= 1:

@@ -25,7 +25,7 @@ from moe_ds.eval_tasks import render_local_tasks
 from moe_ds.cli import run
 from moe_ds.evaluate import (BASELINE_DIR, SUMMARY_CSV, SUMMARY_MD, SUMMARY_PNG, EvalConfig, EvalError, TaskResolver,
                              WandbLog, evaluate_into, flat_metrics, perplexity, read_results, results_dir)
-from moe_ds.run_layout import CHECKPOINT_COMPLETE, EVALUATED, OutputError
+from moe_ds.run_layout import CHECKPOINT_COMPLETE, EVALUATED
 from moe_ds.watch import LOCK_NAME, CheckpointWatcher, MarkerHandler, run_once
 
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "wikitext2_raw_test_docs.jsonl").is_file(),
