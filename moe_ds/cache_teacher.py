@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import teacher_cache as tc
 from .corpus import load_corpus, pack_sequences
 from .dist import barrier, device_for, init_distributed, log_main, setup_logging
-from .run_layout import check_output_dir, write_json_atomic
+from .run_layout import check_output_dir, remove_stale_temporaries, write_json_atomic
 
 logger = logging.getLogger("moe_ds")
 
@@ -328,6 +328,12 @@ def cache_teacher(cfg: CacheTeacherConfig) -> tc.CacheMeta | None:
     if info.is_main:
         # A stale index (its shards changed, or --overwrite) must not present shards that are about to change.
         output.unlink(missing_ok=True)
+        left = remove_stale_temporaries(tc.shard_dir(output))  # of a killed cache_config.json write
+        for path in output.parent.glob(f".{output.name}.*-*.tmp"):  # of a killed index write
+            path.unlink(missing_ok=True)
+            left.append(path)
+        for path in left:
+            logger.info("removed %s, left behind by an interrupted run", path)
         tc.shard_dir(output).mkdir(parents=True, exist_ok=True)
         write_json_atomic(tc.shard_dir(output) / RUN_CONFIG, asdict(cfg))
         current = {tc.shard_path(output, r, info.world_size).name for r in range(info.world_size)}
@@ -431,26 +437,29 @@ def _run_shard(cfg, model, writer: tc.ShardWriter, sequences, device, rank: int,
     bar = tqdm(total=expected, initial=writer.num_done * cfg.seq_len, unit="tok", unit_scale=True,
                desc=f"rank {rank}", position=rank, mininterval=2.0)
     written, t0 = 0, time.time()
-    while True:
-        batch = list(islice(sequences, cfg.batch_size))
-        if not batch:
-            break
-        input_ids = torch.from_numpy(np.stack(batch)).to(device=device, dtype=torch.long)
-        with torch.inference_mode():
-            logits = model(input_ids=input_ids, use_cache=False).logits
-        if logits.shape[-1] != writer.meta.vocab_size:
-            raise ValueError(f"the teacher's logits have {logits.shape[-1]} entries, its config says "
-                             f"{writer.meta.vocab_size}")
-        ids, vals, lse = teacher_topk(logits, cfg.top_k, cfg.logits_chunk)
-        writer.append(input_ids, ids, vals, lse)
-        written += len(batch)
-        bar.update(len(batch) * cfg.seq_len)
-        if stop_after and written >= stop_after:
-            bar.close()
-            logger.info("%s=%d: stopping after %d sequences (simulated kill)", STOP_AFTER_ENV, stop_after, written)
-            logging.shutdown()
-            os._exit(75)
-    bar.close()
+    try:
+        while True:
+            batch = list(islice(sequences, cfg.batch_size))
+            if not batch:
+                break
+            input_ids = torch.from_numpy(np.stack(batch)).to(device=device, dtype=torch.long)
+            with torch.inference_mode():
+                logits = model(input_ids=input_ids, use_cache=False).logits
+            if logits.shape[-1] != writer.meta.vocab_size:
+                raise ValueError(f"the teacher's logits have {logits.shape[-1]} entries, its config says "
+                                 f"{writer.meta.vocab_size}")
+            ids, vals, lse = teacher_topk(logits, cfg.top_k, cfg.logits_chunk)
+            writer.append(input_ids, ids, vals, lse)
+            written += len(batch)
+            bar.update(len(batch) * cfg.seq_len)
+            if stop_after and written >= stop_after:
+                bar.close()
+                logger.info("%s=%d: stopping after %d sequences (simulated kill)", STOP_AFTER_ENV, stop_after,
+                            written)
+                logging.shutdown()
+                os._exit(75)
+    finally:
+        bar.close()  # before any error message, which must stand on its own line
     final = writer.finish()
     dt = time.time() - t0
     logger.info("shard %s complete: %d sequences (%d written now in %.1f s, %.0f tok/s)", writer.path,

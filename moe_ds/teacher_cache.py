@@ -9,11 +9,15 @@ flushed and the index is renamed into place once every shard is complete, so an 
 presents a finished cache.
 """
 
+import contextlib
+import gc
 import hashlib
 import json
 import logging
 import os
+import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal, get_args
@@ -316,6 +320,26 @@ def set_aside(path: Path) -> Path:
     return aside
 
 
+def _close_after_failure(f: h5py.File, error: BaseException) -> None:
+    """Close ``f`` after a write to it failed (e.g. a full disk or a file-size limit).
+
+    HDF5 cannot flush such a file: each close attempt fails again while handles into it remain, and a handle
+    left for interpreter exit crashes the process (SIGSEGV). So the handles held by the failed call's frames
+    are dropped first (their finalisers, which would each print the same write error, are silenced) and the
+    close is retried until it succeeds. The file on disk may be unreadable; a rerun sets it aside.
+    """
+    hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
+    try:
+        traceback.clear_frames(error.__traceback__)
+        gc.collect()
+        for _ in range(8):  # each failed attempt releases part of what HDF5 still holds
+            with contextlib.suppress(OSError, RuntimeError):
+                f.close()
+                return
+    finally:
+        sys.unraisablehook = hook
+
+
 class ShardWriter:
     """Appends packed sequences and their teacher top-k to one rank's shard; resumes a stopped shard.
 
@@ -345,6 +369,7 @@ class ShardWriter:
         self.path, self.gzip_level = Path(path), gzip_level
         self.meta = replace(meta, num_sequences=0, complete=False, created=_now())
         self._f: h5py.File | None = None
+        self._failed = False  # a write failed: the handle is gone and the file must not be written again
         if self.path.exists() and overwrite:
             self.path.unlink()
         old, why = inspect_shard(self.path, self.meta)
@@ -356,7 +381,8 @@ class ShardWriter:
             self.meta = replace(self.meta, num_sequences=old.num_sequences, complete=old.complete,
                                 created=old.created)
             if not old.complete:
-                self._resume()
+                with self._guard():
+                    self._resume()
 
     @property
     def num_done(self) -> int:
@@ -366,9 +392,23 @@ class ShardWriter:
     def complete(self) -> bool:
         return self.meta.complete
 
+    @contextlib.contextmanager
+    def _guard(self):
+        """HDF5 writes: when one fails, the file is closed (see ``_close_after_failure``) and never written again
+        by this writer, so a later call cannot mistake the damaged file for a fresh one."""
+        if self._failed:
+            raise RuntimeError(f"an earlier write to {self.path} failed; rerun to resume the shard")
+        try:
+            yield
+        except BaseException as e:
+            f, self._f, self._failed = self._f, None, True
+            if f is not None:
+                _close_after_failure(f, e)
+            raise
+
     def _resume(self) -> None:
         try:
-            f = h5py.File(self.path, "r+")
+            self._f = h5py.File(self.path, "r+", rdcc_nbytes=0)  # see _create
         except OSError as e:
             if _is_lock_error(e):
                 raise CacheFormatError(f"{self.path} is open in another process (another caching run on the same "
@@ -376,12 +416,13 @@ class ShardWriter:
             raise
         # Rows past the last flushed count belong to a batch that was in flight when the run stopped.
         for name in _DATASETS:
-            f[name].resize(self.num_done, axis=0)
-        self._f = f
+            self._f[name].resize(self.num_done, axis=0)
 
     def _create(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(self.path, "w")
+        # No chunk cache (rows are written whole, once): a failed write then raises from the write itself,
+        # instead of later, while a handle is freed, where h5py can only print it and HDF5 is left inconsistent.
+        self._f = h5py.File(self.path, "w", rdcc_nbytes=0)
         filters = {}
         if self.meta.compression != "none":
             filters = {"compression": self.meta.compression, "shuffle": True}
@@ -389,10 +430,15 @@ class ShardWriter:
                 filters["compression_opts"] = self.gzip_level
         for name, (dtype, trailing) in _DATASETS.items():
             tail = trailing(self.meta.seq_len, self.meta.k)
-            f.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), chunks=(1, *tail), dtype=dtype,
-                             fletcher32=True, **filters)
-        self._f = f
+            self._f.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), chunks=(1, *tail), dtype=dtype,
+                                   fletcher32=True, **filters)
         self._write_attrs()
+
+    def _write_rows(self, n: int, arrays: dict[str, np.ndarray]) -> None:
+        for name, (dtype, _) in _DATASETS.items():
+            d = self._f[name]
+            d.resize(n + len(arrays[name]), axis=0)
+            d[n:] = arrays[name].astype(dtype)
 
     def _write_attrs(self) -> None:
         for key, value in self.meta.to_attrs().items():
@@ -427,28 +473,28 @@ class ShardWriter:
         logits = arrays["topk_logits"].astype(np.float32)
         if not np.isfinite(logits).all() or np.abs(logits).max(initial=0) > FLOAT16_MAX:
             raise ValueError("topk_logits are non-finite or beyond float16's range (|x| > 65504)")
-        if self._f is None:
-            self._create()
-        n = self.num_done
-        for name, (dtype, _) in _DATASETS.items():
-            d = self._f[name]
-            d.resize(n + b, axis=0)
-            d[n:n + b] = arrays[name].astype(dtype)
-        self.meta = replace(self.meta, num_sequences=n + b)
-        self._write_attrs()  # the row count is flushed after the rows it counts
+        with self._guard():
+            if self._f is None:
+                self._create()
+            self._write_rows(self.num_done, arrays)
+            self.meta = replace(self.meta, num_sequences=self.num_done + b)
+            self._write_attrs()  # the row count is flushed after the rows it counts
 
     def finish(self) -> CacheMeta:
         """Mark the shard complete (the last write) and close it. Returns its final attributes."""
-        if self._f is None:
-            self._create()
-        self.meta = replace(self.meta, complete=True)
-        self._write_attrs()
+        with self._guard():
+            if self._f is None:
+                self._create()
+            self.meta = replace(self.meta, complete=True)
+            self._write_attrs()
         self.close()
         return self.meta
 
     def close(self) -> None:
+        """Close the file (a no-op when closed, or when a write failed and it was closed then)."""
         if self._f is not None:
-            self._f.close()
+            with self._guard():
+                self._f.close()
             self._f = None
 
 
@@ -491,21 +537,32 @@ def write_index(output: str | Path, world_size: int) -> CacheMeta:
     total = sum(read_meta(shard_path(output, r, world_size)).num_sequences for r in range(world_size))
     meta = replace(first, num_sequences=total, complete=True, created=_now())
     paths, metas = _shard_metas(output, meta)
-    with atomic_file(output) as tmp, h5py.File(tmp, "w") as f:
-        for name, (dtype, trailing) in _DATASETS.items():
-            tail = trailing(meta.seq_len, meta.k)
-            layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dtype)
-            for r, (p, m) in enumerate(zip(paths, metas)):
-                if m.num_sequences:
-                    # Source paths relative to the index: the folder can be moved.
-                    src = h5py.VirtualSource(str(p.relative_to(output.parent)), name, shape=(m.num_sequences, *tail))
-                    layout[r:total:world_size] = src
-            f.create_virtual_dataset(name, layout, fillvalue=0)
-        for key, value in meta.to_attrs().items():
-            if key != "complete":
-                f.attrs[key] = value
-        f.attrs["complete"] = True  # set last
+    with atomic_file(output) as tmp:
+        f = h5py.File(tmp, "w")
+        try:
+            _write_index_file(f, output, meta, paths, metas)
+            f.close()
+        except BaseException as e:
+            _close_after_failure(f, e)
+            raise
     return meta
+
+
+def _write_index_file(f: h5py.File, output: Path, meta: CacheMeta, paths: list[Path], metas: list[CacheMeta]):
+    total = meta.num_sequences
+    for name, (dtype, trailing) in _DATASETS.items():
+        tail = trailing(meta.seq_len, meta.k)
+        layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dtype)
+        for r, (p, m) in enumerate(zip(paths, metas)):
+            if m.num_sequences:
+                # Source paths relative to the index: the folder can be moved.
+                src = h5py.VirtualSource(str(p.relative_to(output.parent)), name, shape=(m.num_sequences, *tail))
+                layout[r:total:meta.world_size] = src
+        f.create_virtual_dataset(name, layout, fillvalue=0)
+    for key, value in meta.to_attrs().items():
+        if key != "complete":
+            f.attrs[key] = value
+    f.attrs["complete"] = True  # set last
 
 
 def read_cache(path: str | Path) -> tuple[CacheMeta, list[Path]]:
