@@ -738,6 +738,8 @@ def bad_inputs(tmp_path_factory, tiny_lm_dir, tiny_tokenizer, stdlib_text) -> Pa
     (root / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c" "d"}\n')
     (root / "dir.h5").mkdir()
     (root / "not_a_cache.h5").write_text("some other file")
+    (root / "shards_file").mkdir()
+    (root / "shards_file" / "c.shards").write_text("a file where the shard folder goes")
     return root
 
 
@@ -784,6 +786,8 @@ CACHE_BAD_INPUTS = {
                                          "documents), fewer than one sequence of 32; lower --seq-len or add text")),
     "output is a folder": (["--output", "{m}/dir.h5"], "output {m}/dir.h5 is a folder, not an .h5 file"),
     "output below a file": (["--output", "{m}/a_file/c.h5"], "output {m}/a_file is a file, not a folder"),
+    "shard folder is a file": (["--output", "{m}/shards_file/c.h5"],
+                               "cache shard {m}/shards_file/c.shards is a file, not a folder"),
     "output is not a cache": (["--output", "{m}/not_a_cache.h5"], ("{m}/not_a_cache.h5: cannot open as HDF5 "
                               "(truncated or corrupted file): Unable to synchronously open file (file signature not "
                               "found); pass --overwrite to replace it, or choose another --output")),
