@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .checkpoint import finish_checkpoint
-from .dist import barrier, disable_deepspeed_shm_op, dist_info, log_main
+from .dist import all_reduce_sum, barrier, disable_deepspeed_shm_op, dist_info, log_main
 from .distill_config import DistillConfig, offloads_optimizer
 from .distill_params import ResolvedGroup, apply_groups
 from .kd_loss import KDLoss, chunked_kd_loss
@@ -154,8 +154,7 @@ class DistillTrainer(Trainer):
     def log(self, logs: dict, start_time=None):
         if "loss" in logs:
             sums = torch.cat([self._kd_sums, torch.tensor([float(self._tokens)], dtype=torch.float64)])
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(sums)
+            sums = all_reduce_sum(sums)  # on the rank's GPU under NCCL, which has no CPU tensors
             now = time.time()
             if sums[2] > 0:
                 logs["ce"] = round(float(sums[0] / sums[2]), 5)
