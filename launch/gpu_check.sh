@@ -17,9 +17,10 @@ else
 fi
 port() { python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 FAILED=0
+STAGE_TIMEOUT=${STAGE_TIMEOUT:-300}  # seconds; a stage that hangs (e.g. a collective waiting forever) fails
 stage() {  # stage NAME FILE-THAT-MUST-EXIST COMMAND...
     local name=$1 expect=$2 t0=$SECONDS; shift 2
-    if "$@" > "$OUT/$name.log" 2>&1 && [ -e "$expect" ]; then
+    if timeout --kill-after=10 "$STAGE_TIMEOUT" "$@" > "$OUT/$name.log" 2>&1 && [ -e "$expect" ]; then
         echo "PASS $name ($((SECONDS - t0)) s)"
     else
         echo "FAIL $name ($((SECONDS - t0)) s): see $OUT/$name.log"; tail -n 5 "$OUT/$name.log" | sed 's/^/    /'
@@ -38,7 +39,7 @@ stage cache "$OUT/teacher_cache.h5" bash launch/cache_teacher.sh --teacher "$OUT
     --max-sequences $((16 * N)) --batch-size 4
 stage distill "$OUT/distill/checkpoint-4/CHECKPOINT_COMPLETE" deepspeed --include "$INCLUDE" \
     --master_port "$(port)" launch/distill.py --deepspeed ds_configs/zero3.json --student "$OUT/compressed" \
-    --teacher-cache "$OUT/teacher_cache.h5" --output "$OUT/distill" --max-steps 4 --save-steps 2 --batch-size 2 \
+    --teacher-cache "$OUT/teacher_cache.h5" --output "$OUT/distill" --max-steps 4 --save-steps 2 --batch-size 2 --report-to none \
     "${TRAIN_DTYPE[@]}"
 stage evaluate "$OUT/distill/checkpoint-4/eval/results.json" python launch/evaluate.py \
     --checkpoint "$OUT/distill/checkpoint-4" --tasks perplexity --ppl-file "$OUT/data/heldout.jsonl" --limit 5 \
