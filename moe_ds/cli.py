@@ -46,6 +46,14 @@ def field_comments(cls) -> dict[str, str]:
     return comments
 
 
+def _or_none(kind: type):
+    """An argparse type: ``kind(text)``, or None for "none" (any case)."""
+    def convert(text: str):
+        return None if text.strip().lower() == "none" else kind(text)
+    convert.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return convert
+
+
 def build_parser(cls, description: str | None = None, exclude: tuple[str, ...] = (),
                  config_file: bool = False) -> argparse.ArgumentParser:
     """An argparse parser with one option per field of the dataclass ``cls`` (``--field-name`` and ``--field_name``).
@@ -63,7 +71,7 @@ def build_parser(cls, description: str | None = None, exclude: tuple[str, ...] =
 
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
-    shadow_fields = []
+    shadow_fields, optional = [], set()
     for f in dataclasses.fields(cls):
         if not f.init or f.name in exclude:
             continue
@@ -78,6 +86,8 @@ def build_parser(cls, description: str | None = None, exclude: tuple[str, ...] =
         hint = hints[f.name]
         if typing.get_origin(hint) in (typing.Union, types.UnionType):
             args = [a for a in typing.get_args(hint) if a is not type(None)]
+            if type(None) in typing.get_args(hint):
+                optional.add(f.name)
             hint = args[0] if len(args) == 1 else hint
         if hint is bool:  # "--flag" sets True, "--no-flag" False, whatever the default
             shadow_fields.append((f.name, bool, dataclasses.field(default=True, metadata={"help": text})))
@@ -92,6 +102,8 @@ def build_parser(cls, description: str | None = None, exclude: tuple[str, ...] =
     for action in parser._actions:  # absent options stay absent: a file's value must not meet a default
         if action.dest != "help":
             action.default = argparse.SUPPRESS
+        if action.dest in optional and action.type in (int, float):  # "--save-total-limit none" means None
+            action.type = _or_none(action.type)
         if action.nargs in ("+", "*") and type(action) is argparse._StoreAction:
             action.__class__ = argparse._ExtendAction  # "--groups a --groups b" keeps both
         if action.option_strings and action.option_strings[0].startswith("--no_"):

@@ -9,6 +9,7 @@ Every refusal happens in ``prepare``, before DeepSpeed or the weights are touche
 """
 
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from .distill_config import (CONFIG_FILE, DEFAULT_DEEPSPEED, DistillConfig, Dist
 from .distill_params import ResolvedGroup, apply_groups, log_groups, resolve_groups
 from .distill_trainer import LOG_FILE, PROBE_ENV, DistillDataset, DistillTrainer, distill_loss, training_arguments
 from .run_layout import (CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, check_output_dir, checkpoint_step,
-                         complete_checkpoints, write_atomic)
+                         complete_checkpoints, has_training_state, write_atomic)
 from .teacher_cache import CacheFormatError, TeacherCacheDataset
 
 __all__ = ["CONFIG_FILE", "DEFAULT_DEEPSPEED", "LOG_FILE", "PROBE_ENV", "CheckpointWriteError", "DistillConfig",
@@ -123,6 +124,9 @@ def prepare(cfg: DistillConfig) -> Prepared:
     from transformers import AutoTokenizer
 
     ds_cfg = check_deepspeed_config(cfg.deepspeed) if cfg.deepspeed else None
+    if cfg.report_to == "wandb" and importlib.util.find_spec("wandb") is None:  # the Trainer fails after loading
+        raise DistillConfigError("report_to is wandb but wandb is not installed: install it (requirements.txt) or "
+                                 "pass --report-to none")
     check_output_dir(cfg.output)
     config = _student_config(cfg)
     tok_path = cfg.tokenizer or cfg.student
@@ -156,6 +160,11 @@ def prepare(cfg: DistillConfig) -> Prepared:
                                      "resume with the same settings or choose another --output")
     if start > cfg.max_steps:
         raise DistillConfigError(f"{output}: newest checkpoint is step {start}, beyond max_steps {cfg.max_steps}")
+    mid_stage = done and start < cfg.max_steps and start not in {s for s, _ in cfg.stage_bounds()}
+    if mid_stage and not has_training_state(done[-1]):
+        raise DistillConfigError(f"{done[-1]} has no optimizer/DeepSpeed state to resume from mid-stage (only the "
+                                 "newest --keep-training-state checkpoints keep it); its weights can start a new run "
+                                 "as --student")
     return Prepared(ds_cfg, tokenizer, cache, groups, start, done[-1] if done else None)
 
 

@@ -116,6 +116,7 @@ class DistillConfig:
     dataloader_num_workers: int = training_arg(2)  # processes reading the HDF5 cache per rank (0: the rank itself)
     logging_steps: int = training_arg(10)  # steps between log lines (tqdm, wandb, train_log.jsonl)
     save_total_limit: int | None = training_arg(None)  # keep the newest N checkpoints (None: all, for the evaluator)
+    keep_training_state: int | None = 1  # newest N checkpoints keep optimizer/DeepSpeed state for --resume (none: all)
     report_to: str = "wandb"  # wandb (offline unless WANDB_MODE says otherwise), none, or a Trainer integration
     wandb_project: str = "moe-compression"  # wandb project name
     run_name: str | None = None  # default: the output directory's name
@@ -169,6 +170,9 @@ class DistillConfig:
             raise DistillConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise DistillConfigError("weight_decay and max_grad_norm must be >= 0")
+        if self.keep_training_state is not None and self.keep_training_state < 1:
+            raise DistillConfigError("keep_training_state must be >= 1 (the newest checkpoint is where --resume starts) "
+                                     f"or None, got {self.keep_training_state}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise DistillConfigError(f"save_total_limit must be >= 1 or None, got {self.save_total_limit}")
 

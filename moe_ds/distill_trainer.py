@@ -19,7 +19,7 @@ from .dist import all_reduce_sum, barrier, disable_deepspeed_shm_op, dist_info, 
 from .distill_config import DistillConfig, offloads_optimizer
 from .distill_params import ResolvedGroup, apply_groups
 from .kd_loss import KDLoss, chunked_kd_loss
-from .run_layout import CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, write_atomic
+from .run_layout import CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, prune_training_state, write_atomic
 from .teacher_cache import TeacherCacheDataset
 
 LOG_FILE = "train_log.jsonl"  # one JSON object per logging step, in the output directory
@@ -88,7 +88,8 @@ class DistillTrainer(Trainer):
                  ds_cfg: dict | None = None, **kwargs):
         """``kwargs`` go to ``Trainer``; the stage's checkpoint and log callbacks are added to its ``callbacks``."""
         start, end = distill_cfg.stage_bounds()[stage_index]
-        callbacks = [*(kwargs.pop("callbacks", None) or []), CheckpointCallback(end, stage_index), JsonlLogCallback()]
+        callbacks = [*(kwargs.pop("callbacks", None) or []), CheckpointCallback(end, stage_index, distill_cfg.keep_training_state),
+                     JsonlLogCallback()]
         super().__init__(callbacks=callbacks, **kwargs)
         self.distill_cfg, self.stage_index, self.groups, self.ds_cfg = distill_cfg, stage_index, groups, ds_cfg
         self.stage, self.stage_start = distill_cfg.stages[stage_index], start
@@ -157,8 +158,9 @@ class DistillTrainer(Trainer):
             sums = all_reduce_sum(sums)  # on the rank's GPU under NCCL, which has no CPU tensors
             now = time.time()
             if sums[2] > 0:
-                logs["ce"] = round(float(sums[0] / sums[2]), 5)
-                logs["kl"] = round(float(sums[1] / sums[2]), 5)
+                # significant digits, not decimals: a KL of 3e-6 (an almost untrained toy) must not read as 0
+                logs["ce"] = float(f"{float(sums[0] / sums[2]):.6g}")
+                logs["kl"] = float(f"{float(sums[1] / sums[2]):.6g}")
             logs["tokens_per_s"] = round(float(sums[3]) / max(now - self._last_log_time, 1e-9), 1)
             # The Trainer's learning_rate is its first optimizer group's; "lr" is the run's base rate times the
             # stage's schedule, the same whatever the groups' multipliers.
@@ -173,10 +175,12 @@ class DistillTrainer(Trainer):
 
 
 class CheckpointCallback(TrainerCallback):
-    """Saves at the end of the stage; completes every checkpoint folder and marks it complete, last."""
+    """Saves at the end of the stage; completes every checkpoint folder and marks it complete, last; then drops the
+    optimizer/DeepSpeed state of all but the newest ``keep_training_state`` complete checkpoints (at Qwen3-30B-A3B
+    scale that state is ~80 GB per checkpoint; the evaluator reads only the weights)."""
 
-    def __init__(self, stage_end: int, stage_index: int):
-        self.stage_end, self.stage_index = stage_end, stage_index
+    def __init__(self, stage_end: int, stage_index: int, keep_training_state: int | None = 1):
+        self.stage_end, self.stage_index, self.keep = stage_end, stage_index, keep_training_state
 
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == self.stage_end:
@@ -193,6 +197,9 @@ class CheckpointCallback(TrainerCallback):
             marker = {"step": state.global_step, "stage": self.stage_index + 1,
                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_atomic(ckpt / CHECKPOINT_COMPLETE, json.dumps(marker) + "\n")
+            for old in prune_training_state(args.output_dir, self.keep):
+                log_main("dropped the training state of %s (weights kept; --keep-training-state %s)", old.name,
+                         self.keep)
         if os.environ.get(PROBE_ENV):
             _probe(model, Path(args.output_dir), state.global_step)
         barrier()  # the next stage (all ranks) may load this checkpoint

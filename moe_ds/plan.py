@@ -141,7 +141,8 @@ def plan(cfg: PlanConfig, config=None) -> dict:
     steps = cfg.tokens // (world * cfg.batch_size * cfg.seq_len)
     distill = {"device_per_rank_deepspeed": ds_device + logits, "device_per_rank": states + logits,
                "trainable_params": trainable, "steps": steps,
-               "disk_per_checkpoint": total_comp * b + trainable * 12, "disk_weights_only": total_comp * b}
+               "disk_per_checkpoint": total_comp * b + trainable * 12, "disk_weights_only": total_comp * b,
+               "disk_training_state": trainable * 12}  # fp32 master + Adam m, v: only in the newest checkpoint(s)
 
     # Stage 4: the compressed model spread over the evaluation GPUs, one batch of logits.
     eval_gpus = max(cfg.gpus - cfg.distill_gpus, 1)
@@ -166,8 +167,8 @@ def plan_table(p: dict, cfg: PlanConfig) -> str:
          "small (loaded onto the GPU)", f"{gb(t['disk'])} ({t['bytes_per_token']:.0f} B/token, {cfg.compression})"),
         ("3 distill", f"{world} ranks, ZeRO-3",
          f"{gb(s['device_per_rank'])} per GPU ({gb(s['device_per_rank_deepspeed'])} by DeepSpeed's estimator, all "
-         f"trainable)", "small", f"{gb(s['disk_per_checkpoint'])} per checkpoint ({gb(s['disk_weights_only'])} "
-         f"weights only)"),
+         f"trainable)", "small", f"{gb(s['disk_weights_only'])} weights per checkpoint, + "
+         f"{gb(s['disk_training_state'])} resume state in the newest (--keep-training-state 1)"),
         ("4 evaluate", f"{max(cfg.gpus - cfg.distill_gpus, 1)} GPUs", f"{gb(v['device_per_gpu'])} per GPU", "small",
          "results only"),
     ]

@@ -44,6 +44,51 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+# What a checkpoint holds only to resume training (the Trainer's and DeepSpeed's names); the evaluator reads none
+# of it. The first two are what a resume looks for, so they go first: a checkpoint whose pruning was interrupted
+# reads as having no training state rather than half of one.
+_STATE_ENTRY_POINTS = ("latest", "optimizer.pt")  # DeepSpeed's pointer to global_step<N>/; the plain Trainer's
+_STATE_PATTERNS = ("global_step*", "scheduler.pt", "rng_state*.pth", "zero_to_fp32.py", "zero_to_torch.py")
+
+
+def has_training_state(path: str | Path) -> bool:
+    """True when a checkpoint still holds what ``--resume`` needs mid-stage (DeepSpeed's or the Trainer's
+    optimizer state)."""
+    return any((Path(path) / name).is_file() for name in _STATE_ENTRY_POINTS)
+
+
+def drop_training_state(path: str | Path) -> int:
+    """Remove a checkpoint's resume-only files (optimizer/DeepSpeed partitions, scheduler, RNG states), keeping the
+    weights, config, tokenizer, statistics and marker that the evaluator and a new stage read.
+
+    Returns the bytes freed. Safe to interrupt and to repeat (see ``_STATE_ENTRY_POINTS``).
+    """
+    path, freed = Path(path), 0
+    victims = [path / n for n in _STATE_ENTRY_POINTS] + [p for pat in _STATE_PATTERNS for p in sorted(path.glob(pat))]
+    for p in victims:
+        if p.is_dir() and not p.is_symlink():
+            freed += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            freed += p.lstat().st_size
+            p.unlink()
+    return freed
+
+
+def prune_training_state(run_dir: str | Path, keep: int | None) -> list[Path]:
+    """Drop the training state of every complete checkpoint but the newest ``keep`` (None: keep all).
+
+    Returns the checkpoints pruned by this call.
+    """
+    if keep is None:
+        return []
+    done = complete_checkpoints(run_dir)
+    pruned = [c for c in done[:-keep] if has_training_state(c) or any(c.glob("global_step*"))]
+    for c in pruned:
+        drop_training_state(c)
+    return pruned
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path):
     """Yield a temporary path beside ``path``; on success it is fsynced and ``os.replace``d onto ``path``.

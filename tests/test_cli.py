@@ -44,6 +44,11 @@ def test_types_flags_and_defaults():
     assert parse_config(ToyConfig, ["--model", "m", "--layers", "1", "--layers", "2", "3"]).layers == [1, 2, 3]
     with pytest.raises(SystemExit):
         parse_config(ToyConfig, ["--model", "m", "--layer", "1"])
+    # an optional number can be set back to None from the command line (a config file may have set it)
+    assert parse_config(ToyConfig, ["--model", "m", "--rank", "none"]).rank is None
+    assert parse_config(ToyConfig, ["--model", "m", "--rank", "None"]).rank is None
+    with pytest.raises(SystemExit):
+        parse_config(ToyConfig, ["--model", "m", "--ratio", "none"])  # not optional: float only
 
 
 def test_precedence_defaults_file_flags(tmp_path):

@@ -277,6 +277,14 @@ def test_prepare_accepts_good_input_and_refuses_bad(setup, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.json: not a model directory"):
         prepare(_cfg(setup, student=str(tmp_path / "empty")))
+    # wandb asked for but not installed (the Trainer would fail only after loading the model; seen on a GPU node)
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+        with pytest.raises(DistillConfigError, match="wandb is not installed.*--report-to none"):
+            prepare(_cfg(setup, report_to="wandb"))
     # a malformed DeepSpeed config
     (tmp_path / "ds.json").write_text("{")
     with pytest.raises(DistillConfigError, match="not valid JSON"):
@@ -291,7 +299,14 @@ def test_prepare_accepts_good_input_and_refuses_bad(setup, tmp_path):
     (done / CHECKPOINT_COMPLETE).write_text("{}")
     with pytest.raises(DistillConfigError, match="pass --resume"):
         prepare(_cfg(setup))
+    # step 2 of 4 is mid-stage: a resume needs the optimizer state, which only the newest checkpoints keep
+    with pytest.raises(DistillConfigError, match="no optimizer/DeepSpeed state to resume from mid-stage"):
+        prepare(_cfg(setup, resume=True))
+    (done / "optimizer.pt").write_bytes(b"")
     assert prepare(_cfg(setup, resume=True)).start_step == 2
+    # at a stage boundary a new stage starts from the weights alone
+    (done / "optimizer.pt").unlink()
+    assert prepare(_cfg(setup, resume=True, max_steps=None, stages=[{"steps": 2}, {"steps": 2}])).start_step == 2
     (done.parent / CONFIG_FILE).write_text(json.dumps(_cfg(setup, batch_size=3).to_dict()))
     with pytest.raises(DistillConfigError, match="started with other batch_size"):
         prepare(_cfg(setup, resume=True))
@@ -441,6 +456,11 @@ def test_two_dataloader_workers_give_the_same_loss_curve_as_none(setup, tmp_path
         rows = _rows(out / LOG_FILE)
         runs[workers] = ({s: {k: r[k] for k in ("loss", "ce", "kl", "lr", "grad_norm")} for s, r in rows.items()},
                          load_file(out / "checkpoint-4" / "model.safetensors"))
+        # only the newest checkpoint keeps the state a resume needs (keep_training_state=1); every one keeps weights
+        assert sorted(p.name for p in (out / "checkpoint-2").iterdir() if "optimizer" in p.name or "rng" in p.name
+                      or "scheduler" in p.name) == []
+        assert {"optimizer.pt", "scheduler.pt", "rng_state.pth"} <= {p.name for p in (out / "checkpoint-4").iterdir()}
+        assert (out / "checkpoint-2" / "model.safetensors").is_file()
     (curve0, weights0), (curve2, weights2) = runs[0], runs[2]
     assert sorted(curve0) == [1, 2, 3, 4] and curve2 == curve0
     assert weights2.keys() == weights0.keys() and all(torch.equal(weights2[k], weights0[k]) for k in weights0)
@@ -486,7 +506,7 @@ def test_two_rank_zero3_two_stages_checkpoints_reload_and_resume(setup, tmp_path
     out = tmp_path / "run"
     out.mkdir()
     torch.save(torch.randint(0, 320, (2, 16)), out / "probe_input.pt")
-    p = _launch(setup, out)
+    p = _launch(setup, out, "--keep-training-state", "2")  # checkpoint-4 must keep its state: resumed below
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     logs = p.stdout + p.stderr
     assert "experts\\.\\w+_(u|v)_(in|out)$" in logs and "frozen" in logs  # resolved groups logged
@@ -497,8 +517,15 @@ def test_two_rank_zero3_two_stages_checkpoints_reload_and_resume(setup, tmp_path
     for c in ckpts:
         names = {f.name for f in c.iterdir()}
         assert {CHECKPOINT_COMPLETE, "model.safetensors", "config.json", "modeling_shared_core.py", "shared_core.py",
-                "arch.py", "compression_statistics.yaml", "tokenizer.json", "trainer_state.json", "latest"} <= names
-        assert any(n.startswith("global_step") for n in names)  # DeepSpeed state for --resume
+                "arch.py", "compression_statistics.yaml", "tokenizer.json", "trainer_state.json"} <= names
+        # DeepSpeed's state for --resume only in the newest two; the older ones keep what the evaluator reads
+        state = {n for n in names if n.startswith(("global_step", "rng_state", "zero_to_")) or n in {"latest",
+                                                                                                 "scheduler.pt"}}
+        if c.name in ("checkpoint-4", "checkpoint-6"):
+            # (DeepSpeed names the folder by its engine's step count, which restarts with each stage's engine)
+            assert {"latest", "scheduler.pt"} <= state and any(n.startswith("global_step") for n in state)
+        else:
+            assert state == set(), (c.name, state)
         assert json.loads((c / CHECKPOINT_COMPLETE).read_text())["step"] == int(c.name.split("-")[1])
 
     # stage 1 trained the wrappers only; stage 2 everything

@@ -28,7 +28,7 @@ def test_qwen3_30b_a3b_plan_by_hand():
     assert p["distill"]["device_per_rank_deepspeed"] == ds + 2 * 4 * 2048 * 151936 * 2  # + logits and their grad
     assert p["distill"]["device_per_rank"] < p["distill"]["device_per_rank_deepspeed"]  # frozen non-experts
     table = plan_table(p, cfg)
-    assert "| 3 distill | 6 ranks, ZeRO-3 |" in table and "99.4 GB per checkpoint" in table
+    assert "| 3 distill | 6 ranks, ZeRO-3 |" in table and "16.8 GB weights per checkpoint, + 82.6 GB resume state in the newest" in table
 
 
 def test_disk_figures_match_what_compression_writes(tmp_path):
