@@ -316,12 +316,19 @@ def load_compressed(path: str | Path, dtype: torch.dtype | str | None = None, **
     """Load a compressed checkpoint with moe-ds's own classes (no ``trust_remote_code`` needed).
 
     Validates the weights against the config first, then calls ``from_pretrained`` (which also handles
-    ``device_map``, dtype and ZeRO-3 partitioning when a DeepSpeed config is active).
+    ``device_map``, dtype and ZeRO-3 partitioning when a DeepSpeed config is active). ``from_pretrained``
+    builds the model on the meta device and reads each tensor into its place in the load dtype, so loading a
+    bf16 checkpoint with ``dtype="auto"`` and a ``device_map`` never holds a float32 or host copy of it.
 
     Args:
         path: compressed checkpoint directory.
-        dtype: load dtype (default: float32; "auto" keeps the stored dtype).
-        **kwargs: passed to ``from_pretrained``.
+        dtype: load dtype of the floating parameters. None means float32 (kept for the callers that train or
+            compare against float32 references: tests, ``report``); ``"auto"`` keeps the stored dtype
+            (``config.dtype``), as the evaluator and ``export_dense`` ask for.
+        **kwargs: passed to ``from_pretrained`` (e.g. ``device_map={"": 0}`` or ``"balanced"``).
+
+    Returns:
+        A ``SharedCore*ForCausalLM`` in eval mode.
 
     Raises:
         CheckpointError: see ``validate_compressed_checkpoint``.
@@ -332,7 +339,20 @@ def load_compressed(path: str | Path, dtype: torch.dtype | str | None = None, **
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, **kwargs) -> PreTrainedModel:
-    """Load a compressed checkpoint (``load_compressed``) or any plain HF causal LM (``from_pretrained``)."""
+    """Load a compressed checkpoint (``load_compressed``) or any plain HF causal LM (``from_pretrained``).
+
+    Args:
+        path: model directory.
+        dtype: as in ``load_compressed``: None means float32, ``"auto"`` the stored dtype.
+        **kwargs: passed to ``from_pretrained`` (``device_map``, ``trust_remote_code``, ...).
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        CheckpointError: a compressed checkpoint whose weights do not match its config.
+        OSError: ``from_pretrained`` found no loadable model in ``path``.
+    """
     if is_compressed_checkpoint(path):
         return load_compressed(path, dtype=dtype, **kwargs)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs).eval()

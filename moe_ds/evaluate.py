@@ -59,7 +59,7 @@ class EvalConfig:
     watch: str | None = None  # run directory whose checkpoint-<step>/ folders are evaluated as they complete
     checkpoint: str | None = None  # one model folder to evaluate, then exit (give this or watch)
     out: str | None = None  # checkpoint mode: results folder (default <checkpoint>/eval)
-    baseline: str | None = None  # uncompressed teacher, evaluated once per run into RUN_DIR/baseline_eval
+    baseline: str | None = None  # uncompressed teacher (folder or Hub id), evaluated once into RUN_DIR/baseline_eval
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))  # lm-eval task names (a b or a,b)
     data_dir: str | None = None  # offline copies of wikitext/arc_easy/piqa (layout: moe_ds.eval_tasks)
     ppl_file: str | None = None  # local .jsonl/.json/.txt file; adds the `perplexity` task
@@ -95,6 +95,8 @@ class EvalConfig:
             raise EvalError("tasks is empty")
         if "perplexity" in self.tasks and self.ppl_file is None:
             raise EvalError("task 'perplexity' needs ppl_file")
+        if self.baseline is not None and _is_hub_id(self.baseline):
+            self.baseline = str(_resolve_hub_id(self.baseline, "baseline"))
         # A watched run directory may not exist yet: the evaluator is started before training (see watch.py).
         for name, path in (("checkpoint", self.checkpoint), ("baseline", self.baseline),
                            ("data_dir", self.data_dir), ("ppl_file", self.ppl_file)):
@@ -129,6 +131,27 @@ class EvalConfig:
         for name in ("poll_interval_s", "debounce_s", "rescan_s"):
             if getattr(self, name) < 0:
                 raise EvalError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def _is_hub_id(name: str) -> bool:
+    """A name that is no existing path but reads as a Hub id ``org/name`` (``./x`` and ``/x`` stay paths)."""
+    return not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
+def _resolve_hub_id(model_id: str, what: str) -> Path:
+    """The local snapshot folder of a Hub id, as ``launch/compress.py`` resolves it (``compress.resolve_model_dir``).
+
+    Raises:
+        EvalError: offline and not cached, unknown id or no network (one line naming ``what`` and the id).
+    """
+    from moe_ds.compress import CompressError, resolve_model_dir
+
+    try:
+        path = resolve_model_dir(model_id)
+    except CompressError as e:
+        raise EvalError(f"{what}: {e}") from e
+    logger.info("%s %s resolved to %s", what, model_id, path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -216,42 +239,52 @@ def flat_metrics(record: dict | None, stderr: bool = False) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def load_for_eval(path: str | Path, dtype: str = "auto"):
-    """Load a model and its tokenizer for evaluation and place it on the visible GPUs (or keep it on CPU).
+def eval_device_map() -> dict | str | None:
+    """Where ``from_pretrained`` puts the evaluated model's weights: straight onto the visible GPUs.
 
-    Uses ``moe_ds.checkpoint.load_model`` (compressed shared-core checkpoints and plain HF models). With
-    several visible GPUs the model is split across them with accelerate's balanced device map.
+    Returns:
+        None without a GPU (the weights stay on CPU), ``{"": 0}`` with one GPU, and ``"balanced"`` with several
+        (accelerate's balanced split, whole decoder layers per GPU). The GPUs are those left visible by
+        ``--devices`` (CUDA_VISIBLE_DEVICES).
+    """
+    import torch
+
+    n_gpu = torch.cuda.device_count()
+    if n_gpu == 0:
+        return None
+    return {"": 0} if n_gpu == 1 else "balanced"
+
+
+def load_for_eval(path: str | Path, dtype: str = "auto"):
+    """Load a model and its tokenizer for evaluation, weights loaded straight onto the visible GPUs (or CPU).
+
+    Uses ``moe_ds.checkpoint.load_model`` (compressed shared-core checkpoints and plain HF models) with
+    ``device_map=eval_device_map()``: ``from_pretrained`` builds the model on the meta device and reads each
+    tensor from the safetensors files into its GPU in the load dtype, so no full host copy exists (before, a
+    float32 model was built in host RAM and then moved: 122 GB for a 61 GB bf16 checkpoint).
 
     Args:
         path: model folder (config.json, weights, tokenizer files).
-        dtype: ``auto`` keeps the saved dtype; else ``float32``/``bfloat16``/``float16``.
+        dtype: ``auto`` keeps the checkpoint's own dtype (``config.dtype``, else that of its weights); else
+            ``float32``/``bfloat16``/``float16``, which every floating parameter gets.
 
     Returns:
-        ``(model, tokenizer)``, model in eval mode.
+        ``(model, tokenizer)``, model in eval mode (``model.hf_device_map`` set when placed on GPUs).
 
     Raises:
-        ValueError: the folder holds no tokenizer files.
+        ValueError: the folder holds no tokenizer files, or ``dtype`` is not one of the names above.
     """
     import torch
     import transformers as T
 
     from moe_ds.checkpoint import load_model
 
+    if dtype not in get_args(Dtype):
+        raise ValueError(f"dtype must be one of {get_args(Dtype)}, got {dtype!r}")
     if not has_tokenizer(path):  # AutoTokenizer would build a 1-token tokenizer and score garbage as "ok"
         raise ValueError(f"{path} has no tokenizer files ({TOKENIZER_FILES_TEXT})")
-    model = load_model(path, dtype=None if dtype == "auto" else getattr(torch, dtype))
+    model = load_model(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), device_map=eval_device_map())
     tokenizer = T.AutoTokenizer.from_pretrained(path)
-    n_gpu = torch.cuda.device_count()
-    if n_gpu == 1:
-        model = model.to("cuda")
-    elif n_gpu > 1:
-        from accelerate import dispatch_model, infer_auto_device_map
-        from accelerate.utils import get_balanced_memory
-
-        no_split = getattr(model, "_no_split_modules", None) or []
-        max_memory = get_balanced_memory(model, no_split_module_classes=no_split)
-        model = dispatch_model(model, infer_auto_device_map(model, max_memory=max_memory,
-                                                            no_split_module_classes=no_split))
     return model.eval(), tokenizer
 
 
@@ -324,7 +357,8 @@ def evaluate_model(model_path: str | Path, resolver: TaskResolver, *, limit: flo
     Returns:
         The results record: ``status`` (ok | partial | error), ``error``, per-task ``tasks[name]`` with
         ``lm_eval_task``, ``version``, ``n_samples``, ``metrics`` (and ``error`` when it failed), plus
-        lm-eval/transformers/torch versions, limit, seeds and ``wall_time_s``.
+        lm-eval/transformers/torch versions, limit, seeds, the requested ``dtype`` and the ``loaded_dtype`` it
+        gave (e.g. ``bfloat16`` for ``auto`` on a bf16 checkpoint), ``device`` and ``wall_time_s``.
     """
     import lm_eval
     import torch
@@ -348,6 +382,7 @@ def evaluate_model(model_path: str | Path, resolver: TaskResolver, *, limit: flo
 
         model, tokenizer = load_for_eval(model_path, dtype)
         record["device"] = str(model.device)
+        record["loaded_dtype"] = str(model.dtype).removeprefix("torch.")  # what "auto" resolved to
         lm = HFLM(pretrained=model, tokenizer=tokenizer,
                   batch_size=batch_size if batch_size == "auto" else int(batch_size))
     except Exception as e:  # noqa: BLE001 - a broken checkpoint is recorded, the caller's loop goes on
