@@ -74,21 +74,45 @@ def eckart_young_error(w: torch.Tensor, core: torch.Tensor, rank: int) -> float:
     return math.sqrt(tail.item()) / torch.linalg.vector_norm(w.double()).item()
 
 
-def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
-    """(G + λI)⁻¹ rhs with λ = ridge · mean eigenvalue of G (batched; Cholesky, no explicit inverse)."""
-    n = gram.shape[-1]
-    lam = ridge * torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1)
-    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, lam: torch.Tensor | float) -> torch.Tensor:
+    """(G + λI)⁻¹ rhs by Cholesky, no explicit inverse.
+
+    Args:
+        gram: [n, n] (one factorisation shared by every batch of ``rhs``) or [E, n, n].
+        rhs: [E, n, m]; lam: λ > 0, a float or [E, 1, 1].
+    """
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     return torch.cholesky_solve(rhs, torch.linalg.cholesky(gram + lam * eye))
+
+
+def _ridge_left_solve(a: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(A Aᵀ + λ I)⁻¹ A X for A [E, m, n] and X [E, n, r], with λ = ``ridge`` × the mean eigenvalue of A Aᵀ.
+
+    Through the push-through identity (A Aᵀ + λ I_m)⁻¹ A = A (Aᵀ A + λ I_n)⁻¹ the Gram matrix is built on the
+    smaller side: [E, min(m, n)²] instead of [E, m²] (for the down projection of Qwen3-30B-A3B, m = 2048 and
+    n = 768: 7× less memory and ~19× fewer Cholesky flops). Same λ in both forms (trace / m), so the result is
+    the same up to rounding.
+    """
+    m, n = a.shape[-2:]
+    if m <= n:
+        gram = a @ a.transpose(-1, -2)
+        lam = ridge * torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)[:, None, None] / m
+        return _ridge_solve(gram, a @ rhs, lam)
+    gram = a.transpose(-1, -2) @ a
+    lam = ridge * torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)[:, None, None] / m  # tr(AᵀA) = tr(AAᵀ)
+    return a @ _ridge_solve(gram, rhs, lam)
 
 
 def svd_init(w: torch.Tensor, rank: int, ridge: float) -> dict:
     """The "svd" start: closed-form wrappers from truncated SVDs of the residuals, with C = mean expert.
 
-    1. R_e = W_e − C ≈ P S Qᵀ (rank r); V_in = Q, U_in = Cᵀ (C Cᵀ + λ I)⁻¹ P S (ridge solve, no C⁺).
+    1. R_e = W_e − C ≈ P S Qᵀ (rank r); V_in = Q, U_in = Cᵀ (C Cᵀ + λ I)⁻¹ P S (ridge solve, no C⁺; one
+       Cholesky factorisation shared by all experts).
     2. W¹_e = C (I + U_in V_inᵀ), W_e − W¹_e ≈ P' S' Q'ᵀ; U_out = P' S'^½,
-       V_out = (W¹_e W¹_eᵀ + λ I)⁻¹ W¹_e Q' S'^½.
+       V_out = (W¹_e W¹_eᵀ + λ I)⁻¹ W¹_e Q' S'^½ (Gram on the smaller side of W¹_e, see ``_ridge_left_solve``).
     λ = ``ridge`` × the mean eigenvalue of the Gram matrix (Tikhonov).
+
+    Peak memory beside w: about five [E, d_out, d_in] fp32 tensors (``plan.fit_peak_bytes`` models it).
 
     Args:
         w: [E, d_out, d_in] fp32; rank: r; ridge: relative λ.
@@ -106,15 +130,18 @@ def svd_init(w: torch.Tensor, rank: int, ridge: float) -> dict:
     p, s, qh = torch.linalg.svd(w - core, full_matrices=False)
     target = p[..., :rank] * s[:, None, :rank]  # P S [E, d_out, r]
     v_in = qh[:, :rank].transpose(1, 2).contiguous()  # Q [E, d_in, r]
+    del p, s, qh
     gram = core @ core.T  # [d_out, d_out], shared by all experts
-    u_in = core.T @ _ridge_solve(gram.expand(w.shape[0], -1, -1), target, ridge)  # [E, d_in, r]
+    lam = ridge * torch.diagonal(gram).mean()
+    u_in = core.T @ _ridge_solve(gram, target, lam)  # [E, d_in, r]
     # 2. output wrapper from the top-r SVD of what is left.
     w1 = core + (core @ u_in) @ v_in.transpose(1, 2)
     p2, s2, qh2 = torch.linalg.svd(w - w1, full_matrices=False)
     root = s2[:, :rank].sqrt()
     u_out = (p2[..., :rank] * root[:, None]).contiguous()  # P' S'^½
-    rhs = w1 @ (qh2[:, :rank].transpose(1, 2) * root[:, None])  # W¹ Q' S'^½ [E, d_out, r]
-    v_out = _ridge_solve(w1 @ w1.transpose(1, 2), rhs, ridge)
+    x = (qh2[:, :rank].transpose(1, 2) * root[:, None]).contiguous()  # Q' S'^½ [E, d_in, r]
+    del p2, s2, qh2
+    v_out = _ridge_left_solve(w1, x, ridge)  # (W¹W¹ᵀ + λI)⁻¹ W¹ Q' S'^½ [E, d_out, r]
     return {"core": core, "u_in": u_in, "v_in": v_in, "u_out": u_out, "v_out": v_out}
 
 

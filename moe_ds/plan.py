@@ -83,6 +83,27 @@ def _largest_module_params(model: torch.nn.Module) -> int:
     return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
 
 
+def fit_peak_bytes(num_experts: int, d_out: int, d_in: int, rank: int) -> int:
+    """Peak device memory of ``moe_ds.fit.fit_projection`` on one [E, d_out, d_in] projection, in bytes.
+
+    The fit runs in fp32. Its peak is in the Adam loop: the weights W, plus the autograd graph of
+    ||W − Ŵ||² (C(I + U_in V_inᵀ), the output wrapper's update, Ŵ, W − Ŵ and the square's gradient: five
+    [E, d_out, d_in] tensors), plus the core and the wrappers four or five times over (parameters, gradients,
+    two Adam moments, and the start kept for the initial error). The "svd" start peaks lower (the Gram matrix of
+    its ridge solve is built on the smaller side). Measured against torch.profiler's memory timeline on CPU
+    (``tests/test_plan.py``) and ``torch.cuda.max_memory_allocated`` on a GPU (the ``gpu`` test).
+
+    Args:
+        num_experts, d_out, d_in: E and the projection's shape; rank: r.
+
+    Returns:
+        Bytes: 4·(6·E·d_out·d_in + 4·d_out·d_in + 5·2·E·r·(d_out + d_in)).
+    """
+    weights = num_experts * d_out * d_in
+    wrappers = num_experts * 2 * rank * (d_out + d_in)
+    return 4 * (6 * weights + 4 * d_out * d_in + 5 * wrappers)
+
+
 def plan(cfg: PlanConfig, config=None) -> dict:
     """Memory and disk of the four stages for ``cfg`` (bytes; see the module docstring for what is modelled).
 
@@ -117,10 +138,8 @@ def plan(cfg: PlanConfig, config=None) -> dict:
     with torch.device("meta"):
         largest = _largest_module_params(model_cls(compressed_config))
 
-    # Stage 1: one layer's experts read in the stored dtype (host); the fit of one projection in fp32 (device):
-    # W, Ŵ and the residual [E, d_out, d_in], the factors with their gradients and Adam moments.
-    wrapper_one_proj = max(e * 2 * rank * (do + di) + do * di for do, di in projection_shapes(d, i).values())
-    fit_device = 3 * 4 * e * d * i + 16 * wrapper_one_proj
+    # Stage 1: one layer's experts read in the stored dtype (host); the fit of one projection in fp32 (device).
+    fit_device = max(fit_peak_bytes(e, do, di, rank) for do, di in projection_shapes(d, i).values())
     compress = {"host_per_rank": 3 * e * d * i * b_stored, "device_per_rank": fit_device,
                 "disk_model": total_comp * b_stored, "disk_factors": n_layers * expert_params(e, d, i, ranks) * 4}
 

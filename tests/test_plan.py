@@ -72,4 +72,37 @@ def test_fit_peak_gpu_memory_is_within_the_plan(tmp_path):
     fit_projection(w, 32, FitConfig(init="svd", steps=5))
     peak = torch.cuda.max_memory_allocated() - base + w.numel() * 4
     planned = plan(PlanConfig(model="x", rank=32), config)["compress"]["device_per_rank"]
-    assert 0.5 * planned <= peak <= 1.5 * planned, (peak, planned)
+    assert 0.8 * planned <= peak <= 1.25 * planned, (peak, planned)
+
+
+def _fit_peak_bytes_cpu(w, rank: int, init: str) -> int:
+    """Peak bytes live during fit_projection(w) on CPU, from torch.profiler's memory timeline (the allocations
+    and frees of every tensor; ``_memory_profile`` is what ``export_memory_timeline`` reads), plus w itself."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    from moe_ds.fit import FitConfig, fit_projection
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fit_projection(w, rank, FitConfig(init=init, steps=5))
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, live)
+    return peak + w.numel() * w.element_size()
+
+
+@pytest.mark.parametrize("e, d_out, d_in, rank, init", [(16, 256, 512, 16, "svd"), (16, 512, 256, 16, "svd"),
+                                                        (8, 256, 512, 128, "mean")])
+def test_fit_peak_memory_measured_on_cpu_is_the_planned_one(e, d_out, d_in, rank, init):
+    """The compress stage's device memory per rank is the fit's peak: measured allocation by allocation (the
+    same tensors a GPU allocates), it is within 10% of ``fit_peak_bytes``. The plan once said 260 MB where an H100
+    measured 505 MB (E=32, 512×1024, r=32): it counted three weight-sized tensors where the fit holds six."""
+    import torch
+
+    from moe_ds.plan import fit_peak_bytes
+
+    torch.manual_seed(0)
+    measured = _fit_peak_bytes_cpu(torch.randn(e, d_out, d_in), rank, init)
+    planned = fit_peak_bytes(e, d_out, d_in, rank)
+    assert 0.9 * planned <= measured <= 1.1 * planned, (measured, planned, measured / planned)
