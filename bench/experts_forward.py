@@ -4,9 +4,12 @@
     .venv/bin/python bench/experts_forward.py --tokens 512 --ranks 64 --dtypes float32   # quick look
 
 For each token count T, dtype and pass (forward, forward+backward) it times the stock
-``Qwen3MoeExperts`` (transformers' default kernel, and the eager loop) and ``SharedCoreExperts`` at each rank
-on the same inputs and routing, and prints the wall-time ratio next to the MAC ratio from
-``moe_ds.stats``. Routing is drawn from a skewed, real-looking expert popularity (log-normal expert
+``Qwen3MoeExperts`` (transformers' default kernel, and the eager loop) and ``SharedCoreExperts`` at each rank,
+with its per-expert loop and its batched (grouped GEMM) path, on the same inputs and routing, and prints the
+wall-time ratio next to the MAC ratio from ``moe_ds.stats`` and the compute ops of one call counted by
+torch.profiler (``moe_ds.stats.compute_ops``: on a CPU, a proxy for the kernel launches on a GPU; a forward in
+the fwd rows, forward + backward in the fwd+bwd rows). Goal (issue #11): the batched path at most 60 ops per
+layer forward whatever E is. Routing is drawn from a skewed, real-looking expert popularity (log-normal expert
 preferences, Gumbel top-k), so some experts see several times the mean load.
 Goal (issue #2): at T = 8192 and r = 64 at least 2× faster than the original; at r = 207 no slower.
 """
@@ -22,7 +25,7 @@ from common import print_header
 
 from moe_ds.checkpoint import shared_core_config
 from moe_ds.shared_core import SharedCoreExperts
-from moe_ds.stats import compression_statistics
+from moe_ds.stats import compression_statistics, compute_ops
 
 
 def skewed_routing(tokens: int, num_experts: int, top_k: int, seed: int = 0):
@@ -73,6 +76,8 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--stock-kernels", nargs="+", default=["grouped_mm"],
                     help="transformers experts kernels to time (add 'eager' for its per-expert loop)")
+    ap.add_argument("--implementations", nargs="+", default=["loop", "grouped"], choices=["loop", "grouped"],
+                    help="shared-core experts kernels to time (per-expert loop, batched grouped GEMMs)")
     args = ap.parse_args()
     print_header("shared-core experts vs stock transformers experts, Qwen3-30B-A3B layer shape")
     if args.threads:
@@ -85,8 +90,8 @@ def main():
     print(f"# device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"transformers={T.__version__}")
     print(f"# shape: E={e} d={d} I={i} top-{k}; median of {args.repeats} after one warm-up")
-    print("| T | dtype | pass | module | rank | ms | time vs stock | MACs vs stock |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| T | dtype | pass | module | rank | ms | time vs stock | MACs vs stock | compute ops |")
+    print("|---|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
@@ -117,20 +122,33 @@ def main():
                 baseline = None
                 for impl in args.stock_kernels:
                     cfg._experts_implementation = impl
+                    call = partial(run_pass, stock, pass_name, x, idx, w)
                     try:
-                        t = time_call(partial(run_pass, stock, pass_name, x, idx, w), args.repeats)
+                        t = time_call(call, args.repeats)
                     except RuntimeError as err:  # a kernel that does not support this dtype/device
-                        print(f"| {tokens} | {dtype_name} | {pass_name} | stock ({impl}) | - | n/a: {str(err)[:60]} | | |")
+                        print(f"| {tokens} | {dtype_name} | {pass_name} | stock ({impl}) | - | n/a: {str(err)[:60]} "
+                              "| | | |")
                         continue
                     baseline = t if baseline is None else min(baseline, t)
-                    print(f"| {tokens} | {dtype_name} | {pass_name} | stock ({impl}) | - | {t * 1e3:.0f} | | 1.00 |")
+                    print(f"| {tokens} | {dtype_name} | {pass_name} | stock ({impl}) | - | {t * 1e3:.0f} | | 1.00 | "
+                          f"{compute_ops(call)} |")
                 for r, m in ours.items():
                     stats = compression_statistics(
                         shared_core_config(cfg, {"gate": r, "up": r, "down": r}), tokens_per_forward=tokens)
-                    t = time_call(partial(run_pass, m, pass_name, x, idx, w), args.repeats)
-                    print(f"| {tokens} | {dtype_name} | {pass_name} | shared-core | {r} | {t * 1e3:.0f} | "
-                          f"{t / baseline:.2f} | {stats['expert_macs_per_token']['ratio']:.2f} |", flush=True)
-    print("# 'time vs stock' divides by the fastest stock kernel timed.")
+                    macs = stats["expert_macs_per_token"]["ratio"]
+                    for impl in args.implementations:
+                        m.implementation = impl
+                        call = partial(run_pass, m, pass_name, x, idx, w)
+                        try:
+                            t = time_call(call, args.repeats)
+                        except RuntimeError as err:  # grouped GEMMs need 16-byte strides and a supported dtype
+                            print(f"| {tokens} | {dtype_name} | {pass_name} | shared-core ({impl}) | {r} | "
+                                  f"n/a: {str(err)[:60]} | | {macs:.2f} | |")
+                            continue
+                        print(f"| {tokens} | {dtype_name} | {pass_name} | shared-core ({impl}) | {r} | {t * 1e3:.0f} | "
+                              f"{t / baseline:.2f} | {macs:.2f} | {compute_ops(call)} |", flush=True)
+    print("# 'time vs stock' divides by the fastest stock kernel timed; 'compute ops' counts the aten ops of one "
+          "call (forward, or forward + backward) that do work: a CPU proxy for GPU kernel launches.")
 
 
 if __name__ == "__main__":

@@ -123,3 +123,29 @@ def compression_statistics(config, tokens_per_forward: int = 8192) -> dict:
                   "ratio": total_comp / total_orig, "experts_original": n_layers * expert_bytes(e, d, i, None, dtype),
                   "experts_compressed": n_layers * expert_bytes(e, d, i, ranks, dtype)},
     }
+
+
+# Top-level aten ops that launch no kernel: views, allocations and no-op casts.
+_NO_KERNEL_OPS = {"view", "reshape", "_reshape_alias", "as_strided", "transpose", "t", "unsqueeze", "squeeze",
+                  "slice", "select", "expand", "permute", "alias", "detach", "unbind", "split", "split_with_sizes",
+                  "numpy_T", "mT", "lift_fresh", "empty", "empty_like", "empty_strided", "resolve_conj",
+                  "resolve_neg", "_unsafe_view", "narrow", "contiguous", "to"}
+
+
+def compute_ops(fn, *args, **kwargs) -> int:
+    """Count the top-level aten ops that do work in one call ``fn(*args, **kwargs)`` (torch.profiler, CPU events).
+
+    Views, allocations and no-op casts are left out, and ops called from inside another aten op are counted once
+    (as their caller). On a CPU this is a proxy for the kernel launches the same call makes on a GPU (issue #11:
+    the per-expert loop made ~4,700 per layer forward at E = 128). Autograd's backward ops run as top-level
+    aten ops of the call too, so a forward+backward counts both.
+
+    Returns:
+        The number of ops (int).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn(*args, **kwargs)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.name[6:] not in _NO_KERNEL_OPS
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))

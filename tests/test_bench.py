@@ -19,7 +19,8 @@ HEADER = ["# bench: ", "# date: ", " UTC", "# machine: ", " cores usable", " GiB
 BENCHES = {
     "experts_forward.py": (["--experts", "8", "--hidden", "64", "--intermediate", "32", "--tokens", "64",
                             "--ranks", "4", "16", "--repeats", "1", "--dtypes", "float32"],
-                           ["| 64 | float32 | fwd | stock (grouped_mm)", "| 64 | float32 | fwd+bwd | shared-core | 16 |"]),
+                           ["| 64 | float32 | fwd | stock (grouped_mm)", "| 64 | float32 | fwd+bwd | shared-core (loop) | 16 |",
+                            "| 64 | float32 | fwd | shared-core (grouped) | 16 |", "| compute ops |"]),
     "fit.py": (["--experts", "4", "--d-out", "32", "--d-in", "48", "--rank", "4", "--steps", "20"],
                ["| 0 |", "| 20 |", "rank-2r SVD bound"]),
     "teacher_cache.py": (["--sequences", "8", "--seq-len", "16", "--top-k", "8", "--vocab", "1000"],

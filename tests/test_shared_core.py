@@ -8,6 +8,7 @@ from moe_ds.arch import PROJECTIONS
 from moe_ds.checkpoint import compress_model
 from moe_ds.modeling_shared_core import find_experts
 from moe_ds.shared_core import SharedCoreExperts
+from moe_ds.stats import compute_ops
 
 RANKS = {"gate": 4, "up": 8, "down": 4}
 
@@ -198,23 +199,6 @@ def test_grouped_forward_and_backward_equal_the_loop(ranks):
     with pytest.raises(RuntimeError, match="grouped experts need"):
         m.implementation = "grouped"
         m.double()(x.double(), idx, w.double())  # the kernel has no float64
-
-
-_VIEWS = {"view", "reshape", "_reshape_alias", "as_strided", "transpose", "t", "unsqueeze", "squeeze", "slice",
-          "select", "expand", "permute", "alias", "detach", "unbind", "split", "split_with_sizes", "numpy_T", "mT",
-          "lift_fresh", "empty", "empty_like", "empty_strided", "resolve_conj", "resolve_neg", "_unsafe_view",
-          "narrow", "contiguous", "to"}
-
-
-def compute_ops(module, *args) -> int:
-    """Top-level aten ops of one forward that do work (views, allocations and no-op casts left out): a CPU
-    proxy for the kernel launches of the same forward on a GPU."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        module(*args)
-    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.name[6:] not in _VIEWS
-               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
 def test_grouped_forward_launches_a_fixed_number_of_ops_whatever_the_expert_count():
