@@ -105,17 +105,21 @@ def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
     return train_tiny_tokenizer()
 
 
+def save_tiny_lm(path: Path, tokenizer, dtype: torch.dtype = torch.float32) -> Path:
+    """Save a tiny Qwen3-MoE (random weights, in ``dtype``) with ``tokenizer`` to ``path``; returns ``path``."""
+    model = tiny_model("qwen3_moe", vocab_size=len(tokenizer)).to(dtype)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.bos_token_id = None
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A saved tiny Qwen3-MoE (random weights) with its tokenizer: a stand-in teacher on disk."""
-    path = tmp_path_factory.mktemp("tiny_lm")
-    model = tiny_model("qwen3_moe", vocab_size=len(tiny_tokenizer))
-    model.config.eos_token_id = tiny_tokenizer.eos_token_id
-    model.config.pad_token_id = tiny_tokenizer.pad_token_id
-    model.config.bos_token_id = None
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"), tiny_tokenizer)
 
 
 @pytest.fixture(autouse=True)

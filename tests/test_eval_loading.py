@@ -21,7 +21,7 @@ import pytest
 import torch
 import transformers as T
 
-from conftest import REPO, tiny_model
+from conftest import REPO, save_tiny_lm, tiny_model
 from moe_ds.checkpoint import compress_model, save_compressed
 from moe_ds.cli import run
 from moe_ds.evaluate import BASELINE_DIR, EvalConfig, load_for_eval, read_results
@@ -31,21 +31,11 @@ SNAPSHOT_HASH = "0123456789abcdef0123456789abcdef01234567"
 RANKS = {"gate": 4, "up": 4, "down": 4}
 
 
-def _save_plain(path: Path, tokenizer, dtype: torch.dtype) -> Path:
-    model = tiny_model("qwen3_moe", vocab_size=len(tokenizer)).to(dtype)
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.bos_token_id = None
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def bf16_dirs(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
     """A plain HF and a compressed (shared-core) tiny checkpoint, both saved in bfloat16."""
     root = tmp_path_factory.mktemp("bf16")
-    plain = _save_plain(root / "plain", tiny_tokenizer, torch.bfloat16)
+    plain = save_tiny_lm(root / "plain", tiny_tokenizer, torch.bfloat16)
     compressed = compress_model(tiny_model("qwen3_moe", vocab_size=len(tiny_tokenizer)), RANKS).to(torch.bfloat16)
     save_compressed(compressed, root / "compressed", tokenizer=tiny_tokenizer)
     return {"plain": plain, "compressed": root / "compressed"}
