@@ -1,8 +1,12 @@
 """Stage 2: run the teacher once over the training text and cache its top-k logits (format: teacher_cache).
 
-Every rank reads and packs the whole corpus in the same deterministic order (``moe_ds.corpus``) and runs
-the teacher in inference mode on the sequences g with ``g % world_size == rank``, appending them to its own
-shard. When every rank is done, rank 0 joins the shards into the index file.
+Rank r of W tokenises and packs only the records i with ``i % W == r`` (``moe_ds.corpus.rank_documents``; it
+still reads every record), at most its share ``shard_rows(max_sequences, r, W)`` of the sequences, runs the
+teacher in inference mode on them and appends them to its own shard; its j-th sequence is the cache's sequence
+``j * W + r``. So tokenising time shrinks with the rank count, and the sequences depend on it: the rule is
+recorded in the cache's ``dataset`` attribute and W in ``world_size``. When every rank is done, rank 0 joins the
+shards into the index file, which presents the largest N that every shard covers (``teacher_cache.index_rows``:
+with a whole corpus the ranks' counts differ by a few sequences, and a rank's surplus is left out).
 
 Every rank checks everything that can be refused (teacher, corpus, output, an existing cache or shard of
 another run) before any rank writes a byte, so a refused command changes nothing. A rerun with the same
@@ -14,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -25,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import teacher_cache as tc
-from .corpus import load_corpus, pack_sequences
+from .corpus import load_corpus, pack_sequences, packing_rule, rank_documents
 from .dist import barrier, device_for, init_distributed, log_main, setup_logging
 from .run_layout import check_output_dir, remove_stale_temporaries, write_json_atomic
 
@@ -57,7 +62,7 @@ class CacheTeacherConfig:
     dataset_config: str | None = None  # hub dataset config, e.g. sample-10BT
     max_sequences: int | None = None  # cap on packed sequences over all ranks (None: whole corpus)
     dtype: Dtype = "auto"  # teacher precision: auto is bf16 on GPU, fp32 on CPU
-    quantize: Quantize = "none"  # load the teacher quantised by bitsandbytes
+    quantize: Quantize = "none"  # bitsandbytes on nn.Linear only; teachers with fused 3-D experts are refused
     compression: tc.Compression = "lzf"  # HDF5 filter of the cached datasets (bench/teacher_cache.py: the cost)
     gzip_level: int = 4  # 0-9, with compression=gzip
     logits_chunk: int = 512  # positions converted to fp32 at once for top-k/logsumexp (bounds memory)
@@ -230,21 +235,94 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
+def _bitsandbytes_targets(config, trust_remote_code: bool) -> tuple[int, list[tuple[str, tuple[int, ...]]], float]:
+    """What bitsandbytes would do to this model, seen on a copy built from ``config`` on the meta device (no
+    weights read, no memory used).
+
+    Returns:
+        (nn.Linear layers it replaces: all but the output layer, [(name, shape)] of the 3-D weights it leaves
+        alone (fused experts; convolutions excluded), the share of all weights those hold).
+    """
+    import transformers as T
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        model = T.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    head = model.get_output_embeddings()
+    linear = sum(1 for m in model.modules() if (type(m) is torch.nn.Linear or isinstance(m, Conv1D)) and m is not head)
+    fused, total, skipped = [], 0, 0
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            total += p.numel()
+            if p.ndim >= 3 and not isinstance(module, torch.nn.modules.conv._ConvNd):
+                fused.append((f"{module_name}.{name}", tuple(p.shape)))
+                skipped += p.numel()
+    return linear, fused, skipped / max(total, 1)
+
+
+def teacher_precision(config, quantize: str, dtype: torch.dtype, trust_remote_code: bool = False) -> str:
+    """The teacher's precision as the cache records it; refuses a quantisation that would leave the experts alone.
+
+    bitsandbytes replaces ``nn.Linear`` layers only, and transformers 5 holds the experts of every MoE family
+    as fused 3-D parameters (``mlp.experts.gate_up_proj [E, 2I, d]``, ``down_proj [E, d, I]``), which it
+    leaves in ``dtype``: most of the weights, while the cache would say "4bit". No nn.Linear-based quantizer
+    (bitsandbytes, compressed-tensors, torchao's module swap) handles them. Checked from the config alone,
+    before any weight is loaded or anything written; bitsandbytes need not be importable.
+
+    Args:
+        config: the teacher's transformers config.
+        quantize: "none", "8bit" or "4bit".
+        dtype: the precision of everything bitsandbytes does not replace (its compute dtype for 4-bit).
+        trust_remote_code: to build a model that ships its own code.
+
+    Returns:
+        ``"bfloat16"`` for ``quantize="none"``; else e.g. ``"8bit(bitsandbytes: 14 nn.Linear; the rest float32)"``.
+
+    Raises:
+        CacheTeacherError: the teacher holds fused 3-D expert weights (the message names them and says to use
+            ``--quantize none --dtype bf16``), or cannot be built from its config to check.
+    """
+    name = str(dtype).removeprefix("torch.")
+    if quantize == "none":
+        return name
+    try:
+        linear, fused, share = _bitsandbytes_targets(config, trust_remote_code)
+    except Exception as e:  # remote code may not build on the meta device
+        raise CacheTeacherError(f"--quantize {quantize}: cannot build the teacher from its config on the meta device "
+                                f"to check what bitsandbytes would quantize ({type(e).__name__}: {e}); use "
+                                "--quantize none") from e
+    if fused:
+        first, shape = fused[0]
+        raise CacheTeacherError(
+            f"--quantize {quantize}: bitsandbytes quantizes only nn.Linear layers, and this {config.model_type} "
+            f"teacher holds its experts as {len(fused)} fused 3-D weights ({first} {list(shape)}, ...; {share:.0%} "
+            f"of its weights) that would stay {name} while the cache said {quantize}; no nn.Linear-based "
+            "quantizer (bitsandbytes, compressed-tensors, torchao) handles fused experts, so use --quantize none "
+            "with --dtype bf16")
+    return f"{quantize}(bitsandbytes: {linear} nn.Linear; the rest {name})"
+
+
 def load_teacher(cfg: CacheTeacherConfig, device: torch.device):
     """The teacher in eval mode without gradients, in ``cfg.dtype`` or quantised by bitsandbytes.
 
+    The weights are read straight onto ``device`` (``from_pretrained(device_map={"": device})``: the model is
+    built on the meta device and each tensor placed where it belongs), never built on the host and then moved,
+    so 8 ranks do not hold 8 host copies of the teacher at once.
+
     Returns:
-        (model, description of its precision).
+        (model, its precision as ``teacher_precision`` states it).
 
     Raises:
-        CacheTeacherError: quantisation was requested and bitsandbytes is missing or fails on this backend.
+        CacheTeacherError: quantisation was requested and bitsandbytes is missing, the teacher holds fused
+            experts it would leave unquantised (``teacher_precision``), it fails on this backend, or it
+            quantised another number of layers than stated.
     """
     import transformers as T
 
     dtype = resolve_dtype(cfg.dtype, device)
-    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "device_map": {"": device}}
     if cfg.quantize == "none":
-        model = T.AutoModelForCausalLM.from_pretrained(cfg.teacher, **kwargs).to(device)
+        model = T.AutoModelForCausalLM.from_pretrained(cfg.teacher, **kwargs)
         precision = str(dtype).removeprefix("torch.")
     else:
         try:
@@ -252,16 +330,20 @@ def load_teacher(cfg: CacheTeacherConfig, device: torch.device):
         except ImportError as e:
             raise CacheTeacherError(f"--quantize {cfg.quantize} needs bitsandbytes (pip install bitsandbytes), "
                                     f"which cannot be imported here: {e}") from e
+        config = T.AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+        precision = teacher_precision(config, cfg.quantize, dtype, cfg.trust_remote_code)
         qc = (T.BitsAndBytesConfig(load_in_8bit=True) if cfg.quantize == "8bit"
               else T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype))
         try:
-            model = T.AutoModelForCausalLM.from_pretrained(cfg.teacher, quantization_config=qc,
-                                                           device_map={"": device}, **kwargs)
+            model = T.AutoModelForCausalLM.from_pretrained(cfg.teacher, quantization_config=qc, **kwargs)
         except Exception as e:  # bitsandbytes' errors differ per backend; say which backend refused
             raise CacheTeacherError(f"loading the teacher in {cfg.quantize} through bitsandbytes failed on "
                                     f"{device.type}: {e}. This backend may not support it; use --quantize none "
                                     "with --dtype bf16") from e
-        precision = f"{cfg.quantize}(bitsandbytes)/{str(dtype).removeprefix('torch.')}"
+        done = sum(1 for m in model.modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit"))
+        if f"bitsandbytes: {done} nn.Linear;" not in precision:
+            raise CacheTeacherError(f"bitsandbytes quantised {done} layers of the teacher, not as stated in "
+                                    f"{precision!r}; use --quantize none")
     model.eval().requires_grad_(False)
     return model, precision
 
@@ -297,17 +379,16 @@ def cache_teacher(cfg: CacheTeacherConfig) -> tc.CacheMeta | None:
     tok_name, tok_hash, tok_size = tc.tokenizer_fingerprint(tokenizer)
     check_teacher_vocab(vocab_size, tok_size, cfg.top_k)
     check_teacher_positions(config, cfg.seq_len)
+    precision = teacher_precision(config, cfg.quantize, resolve_dtype(cfg.dtype, device), cfg.trust_remote_code)
     if output.is_dir():
         raise CacheTeacherError(f"output {output} is a folder, not an .h5 file")
     corpus = load_corpus(cfg.data, cfg.text_field, cfg.split, cfg.dataset_config)
-    sequences = pack_sequences(corpus.documents, tokenizer, cfg.seq_len, cfg.max_sequences, name=cfg.data)
-    first = next(sequences)  # raises CorpusError for an empty or too short corpus
-    sequences = chain([first], sequences)
+    sequences = _rank_sequences(cfg, corpus, tokenizer, info.rank, info.world_size)
 
-    dataset = (f"{corpus.description}; packing: documents + eos={tokenizer.eos_token_id}, concatenated, cut "
-               f"into {cfg.seq_len}-token sequences, tail dropped; max_sequences={cfg.max_sequences}")
-    precision = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
-    precision = precision if cfg.quantize == "none" else f"{cfg.quantize}/{precision}"
+    dataset = (f"{corpus.description}; packing: record i goes to rank i % world_size, which packs only its own "
+               f"records ({packing_rule(tokenizer, cfg.seq_len)}) into at most shard_rows(max_sequences, rank, "
+               f"world_size) sequences; sequence g is row g // world_size of rank g % world_size; "
+               f"max_sequences={cfg.max_sequences}")
     meta = tc.CacheMeta(format_version=tc.FORMAT_VERSION, teacher_name=cfg.teacher,
                         teacher_config_hash=tc.config_hash(config), tokenizer_name=tok_name,
                         tokenizer_hash=tok_hash, tokenizer_size=tok_size, vocab_size=vocab_size, k=cfg.top_k,
@@ -317,6 +398,9 @@ def cache_teacher(cfg: CacheTeacherConfig) -> tc.CacheMeta | None:
     finished = _finished_cache(output, meta, cfg.overwrite)
     if finished is not None:
         log_main("%s is already a finished cache of this configuration; nothing to do", output)
+        if finished.world_size != info.world_size:
+            log_main("(its %d rank(s) packed their own records: its sequences are not the ones %d would pack)",
+                     finished.world_size, info.world_size)
         return finished if info.is_main else None
     check_output_dir(output.parent, "output")
     check_output_dir(tc.shard_dir(output), "cache shard")
@@ -355,8 +439,7 @@ def cache_teacher(cfg: CacheTeacherConfig) -> tc.CacheMeta | None:
             model, precision = load_teacher(cfg, device)
             log_main("teacher %s (%s) on %s, vocabulary %d, tokenizer %d, k=%d, T=%d, %d rank(s)", cfg.teacher,
                      precision, device, vocab_size, tok_size, cfg.top_k, cfg.seq_len, info.world_size)
-            mine = islice(sequences, info.rank, None, info.world_size)
-            _run_shard(cfg, model, writer, islice(mine, resumed, None), device, info.rank, info.world_size)
+            _run_shard(cfg, model, writer, islice(sequences, resumed, None), device, info.rank, info.world_size)
         finally:
             writer.close()  # after an error: what was flushed stays resumable, never marked complete
 
@@ -368,17 +451,40 @@ def cache_teacher(cfg: CacheTeacherConfig) -> tc.CacheMeta | None:
     index = tc.write_index(output, info.world_size)
     size = _bytes_on_disk(output, info.world_size)
     wall = time.time() - t0
+    packed = sum(tc.read_meta(tc.shard_path(output, r, info.world_size)).num_sequences for r in range(info.world_size))
+    if packed > index.num_sequences:
+        log_main("%d sequence(s) packed past the shortest rank's share are in the shards but not in the index",
+                 packed - index.num_sequences)
     log_main("cached %d sequences x %d = %d tokens from %d rank(s) into %s: %d bytes on disk, %.1f bytes/token "
              "(compression %s), %.1f s wall", index.num_sequences, index.seq_len, index.num_tokens,
              info.world_size, output, size, size / index.num_tokens, index.compression, wall)
     return index
 
 
+def _rank_sequences(cfg: CacheTeacherConfig, corpus, tokenizer, rank: int, world_size: int) -> Iterator[np.ndarray]:
+    """This rank's packed sequences, the first already made (so a bad corpus is refused before any write).
+
+    Raises:
+        CorpusError: this rank's share of the corpus is empty or shorter than one sequence.
+    """
+    cap = None if cfg.max_sequences is None else tc.shard_rows(cfg.max_sequences, rank, world_size)
+    documents = rank_documents(corpus.documents, rank, world_size)
+    if cap == 0:  # max_sequences < world_size: no share; one record read fixes the text field as on other ranks
+        next(documents, None)
+        return iter(())
+    name = cfg.data if world_size == 1 else f"{cfg.data} (records i % {world_size} == {rank}, rank {rank}'s share)"
+    sequences = pack_sequences(documents, tokenizer, cfg.seq_len, cap, name=name)
+    first = next(sequences)  # raises CorpusError for an empty or too short corpus
+    return chain([first], sequences)
+
+
 def _finished_cache(output: Path, meta: tc.CacheMeta, overwrite: bool) -> tc.CacheMeta | None:
     """The attributes of the finished cache of this configuration at ``output``, or None when there is work.
 
-    Reads only. A finished cache written with another rank count holds the same sequences and counts as
-    this configuration's. An index whose shards have since gone missing or been damaged is stale: None.
+    Reads only. A finished cache written with another rank count counts as this configuration's: the same
+    teacher over the same records with the same packing rule and max_sequences, though each rank packed its
+    own records, so its sequences differ from what this rank count would pack (``world_size`` says which).
+    An index whose shards have since gone missing or been damaged is stale: None.
 
     Raises:
         CacheFormatError: ``output`` is not a readable cache, or a finished cache of another configuration,

@@ -3,10 +3,12 @@
 Loading goes through ``datasets.load_dataset(..., streaming=True)`` for every source, so a local JSONL file
 and a multi-terabyte hub dataset (``HuggingFaceFW/fineweb-edu``, config ``sample-10BT``) are read the same
 way, document by document, in the source's order (JSON-lines files are read line by line here, so that a
-malformed line is reported by file and line number). Packing is deterministic: documents are tokenised without
-special tokens, each followed by the tokenizer's EOS id (when it has one), concatenated, and cut into
-consecutive sequences of exactly ``seq_len`` tokens; the tail shorter than one sequence is dropped. The
-resulting order does not depend on how many ranks consume it.
+malformed line is reported by file and line number). Packing is deterministic: each document is tokenised
+without special tokens, preceded by the tokenizer's BOS id when the tokenizer adds one by default (Llama,
+Mixtral; not Qwen or GPT-2) and followed by its EOS id (when it has one); the documents are concatenated and
+cut into consecutive sequences of exactly ``seq_len`` tokens; the tail shorter than one sequence is dropped.
+Several ranks split the records first (``rank_documents``: record i goes to rank i % world_size) and each
+packs only its own, so the sequences depend on the number of ranks; one rank packs the whole corpus in order.
 """
 
 import contextlib
@@ -14,6 +16,7 @@ import gzip
 import json
 import logging
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -193,15 +196,54 @@ def _pick_field(row: dict, data: str) -> str:
     raise CorpusError(f"{data}: no 'text' field and {len(strings)} string fields {strings}; pass --text-field")
 
 
+def rank_documents(documents: Iterable[str], rank: int, world_size: int) -> Iterator[str]:
+    """The documents of one rank: record i (0-based, counting empty ones) goes to rank ``i % world_size``.
+
+    Every rank still reads, and so validates, every record; only its own are handed on to be tokenised.
+
+    Raises:
+        ValueError: ``rank`` outside ``[0, world_size)``.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, {world_size})")
+    return islice(documents, rank, None, world_size)
+
+
+def document_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts before a text by default (Llama, Mixtral), or None (Qwen, GPT-2).
+
+    Detected by tokenising "a" with and without special tokens, so a tokenizer that has a BOS token but does
+    not add it (GPT-2's ``<|endoftext|>``) gets none, as in its own training.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if full[:1] == [bos] and plain[:1] != [bos] else None
+
+
+def packing_rule(tokenizer, seq_len: int) -> str:
+    """How ``pack_sequences`` builds sequences with this tokenizer, for a cache's description (ids named)."""
+    bos, eos = document_bos(tokenizer), tokenizer.eos_token_id
+    document = (f"bos={bos} + " if bos is not None else "") + "text" + (f" + eos={eos}" if eos is not None else "")
+    return (f"each document tokenised without special tokens as {document}, concatenated, cut into {seq_len}-token "
+            "sequences, tail dropped")
+
+
 def pack_sequences(documents: Iterable[str], tokenizer, seq_len: int, max_sequences: int | None = None,
                    batch_docs: int = 256, name: str = "corpus") -> Iterator[np.ndarray]:
-    """Tokenise documents and cut the EOS-separated token stream into fixed-length sequences.
+    """Tokenise documents and cut the BOS/EOS-delimited token stream into fixed-length sequences.
+
+    Each document contributes ``[bos] + ids + [eos]``: ``ids`` tokenised without special tokens, ``bos`` only
+    when the tokenizer adds one by default (``document_bos``) and the text does not already start with it,
+    ``eos`` when the tokenizer has one. A tokenizer without a default BOS (Qwen, GPT-2) packs ``ids + [eos]``.
 
     Args:
-        documents: texts in corpus order; empty ones are skipped.
+        documents: texts in corpus order (one rank's share: ``rank_documents``); empty ones are skipped.
         tokenizer: a transformers tokenizer (fast ones tokenise a batch in parallel).
         seq_len: T, tokens per sequence (>= 1).
-        max_sequences: stop after this many sequences (None: until the corpus ends).
+        max_sequences: stop after this many sequences (None: until the corpus ends; 0: read nothing).
         batch_docs: documents tokenised per call.
         name: corpus name for error messages.
 
@@ -212,7 +254,9 @@ def pack_sequences(documents: Iterable[str], tokenizer, seq_len: int, max_sequen
         CorpusError: the corpus holds no text, or fewer tokens than one sequence (raised on exhaustion,
             before anything would be yielded).
     """
-    eos = tokenizer.eos_token_id
+    if max_sequences == 0:
+        return
+    bos, eos = document_bos(tokenizer), tokenizer.eos_token_id
     buf: list[int] = []
     n_docs = n_tokens = n_seqs = 0
     batch: list[str] = []
@@ -220,10 +264,13 @@ def pack_sequences(documents: Iterable[str], tokenizer, seq_len: int, max_sequen
     def flush_batch() -> Iterator[np.ndarray]:
         nonlocal n_tokens, n_seqs, buf
         for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            start = len(buf)
+            if bos is not None and ids[:1] != [bos]:  # a text that spells out BOS itself keeps just that one
+                buf.append(bos)
             buf.extend(ids)
             if eos is not None:
                 buf.append(eos)
-            n_tokens += len(ids) + (eos is not None)
+            n_tokens += len(buf) - start
         start = 0
         while len(buf) - start >= seq_len and (max_sequences is None or n_seqs < max_sequences):
             yield np.asarray(buf[start:start + seq_len], dtype=np.int32)

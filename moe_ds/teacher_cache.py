@@ -1,7 +1,9 @@
 """The teacher top-k logit cache: one HDF5 layout, written and read only here (rationale: docs/design.md).
 
 A cache ``OUT.h5`` is an index file of HDF5 virtual datasets over one shard per rank,
-``OUT.shards/rank-RRRRR-of-WWWWW.h5``; sequence g lives in shard g % W, row g // W. Each file holds the
+``OUT.shards/rank-RRRRR-of-WWWWW.h5``; sequence g lives in shard g % W, row g // W. A shard may hold rows past
+its share of the index's N sequences (ranks pack their own documents, so their counts differ); the index
+presents the largest N for which every shard holds its share (``index_rows``). Each file holds the
 datasets of ``_DATASETS``, one row per packed sequence, chunked one sequence per chunk, optionally compressed
 and Fletcher-32 checksummed. ``log p_v = logit_v - logsumexp`` for the cached ids (``topk_logprobs``); the
 mass outside the top-k is ``tail_mass``. A shard's ``complete`` attribute is set only after its last row is
@@ -134,6 +136,16 @@ def shard_rows(num_sequences: int, rank: int, world_size: int) -> int:
     return len(range(rank, num_sequences, world_size))
 
 
+def index_rows(counts: list[int]) -> int:
+    """The most sequences N that shards holding ``counts[r]`` rows present in the strided order.
+
+    Shard r holds sequences r, r + W, ...: it covers N when ``counts[r] >= shard_rows(N, r, W)``, i.e. when
+    ``N <= counts[r] * W + r``. Counts already split strided from some N give back that N.
+    """
+    world_size = len(counts)
+    return min(n * world_size + r for r, n in enumerate(counts))
+
+
 def tokenizer_fingerprint(tokenizer) -> tuple[str, str, int]:
     """(name, sha256 of the token -> id map including added tokens, len(tokenizer)).
 
@@ -209,7 +221,10 @@ def read_meta(path: str | Path) -> CacheMeta:
     """
     path = Path(path)
     with _open(path) as f:
-        meta = CacheMeta.from_attrs(f.attrs, path)
+        try:
+            meta = CacheMeta.from_attrs(f.attrs, path)
+        except (OSError, KeyError, RuntimeError) as e:  # a file cut short inside its attribute storage
+            raise CacheFormatError(f"{path}: its attributes cannot be read (truncated or corrupted file): {e}") from e
         if not meta.complete:
             raise CacheFormatError(f"{path}: incomplete (the writing run stopped before its last write); "
                                    "rerun the caching pass with the same arguments to resume it")
@@ -512,8 +527,9 @@ def _shard_metas(output: Path, meta: CacheMeta) -> tuple[list[Path], list[CacheM
         if diff:
             raise CacheFormatError(f"{p}: attributes {', '.join(diff)} differ from the index {output}")
         want = shard_rows(meta.num_sequences, r, meta.world_size)
-        if m.num_sequences != want:
-            raise CacheFormatError(f"{p}: {m.num_sequences} sequences, expected {want} of {meta.num_sequences}")
+        if m.num_sequences < want:  # more is fine: rows past the shard's share are not presented
+            raise CacheFormatError(f"{p}: {m.num_sequences} sequences, expected at least {want} of "
+                                   f"{meta.num_sequences}")
         metas.append(m)
     return paths, metas
 
@@ -526,15 +542,15 @@ def write_index(output: str | Path, world_size: int) -> CacheMeta:
         world_size: number of shards.
 
     Returns:
-        The index attributes (``num_sequences`` = total N).
+        The index attributes (``num_sequences`` = N = ``index_rows`` of the shards' row counts; the rows
+        past a shard's share of N are left out).
 
     Raises:
-        CacheFormatError: a shard is missing, incomplete, corrupted or from another run, or the shards'
-            row counts do not add up to a strided split of N sequences.
+        CacheFormatError: a shard is missing, incomplete, corrupted or from another run.
     """
     output = Path(output)
     first = read_meta(shard_path(output, 0, world_size))
-    total = sum(read_meta(shard_path(output, r, world_size)).num_sequences for r in range(world_size))
+    total = index_rows([read_meta(shard_path(output, r, world_size)).num_sequences for r in range(world_size)])
     meta = replace(first, num_sequences=total, complete=True, created=_now())
     paths, metas = _shard_metas(output, meta)
     with atomic_file(output) as tmp:
@@ -554,10 +570,11 @@ def _write_index_file(f: h5py.File, output: Path, meta: CacheMeta, paths: list[P
         tail = trailing(meta.seq_len, meta.k)
         layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dtype)
         for r, (p, m) in enumerate(zip(paths, metas)):
-            if m.num_sequences:
+            share = shard_rows(total, r, meta.world_size)
+            if share:
                 # Source paths relative to the index: the folder can be moved.
                 src = h5py.VirtualSource(str(p.relative_to(output.parent)), name, shape=(m.num_sequences, *tail))
-                layout[r:total:meta.world_size] = src
+                layout[r:total:meta.world_size] = src[:share]
         f.create_virtual_dataset(name, layout, fillvalue=0)
     for key, value in meta.to_attrs().items():
         if key != "complete":
