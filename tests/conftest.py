@@ -4,6 +4,7 @@ Tests are CPU-only. Tests that start processes through the DeepSpeed launcher ca
 (still run by ``make test``; ``make test-fast`` skips them).
 """
 
+import dataclasses
 import os
 import random
 import sysconfig
@@ -160,3 +161,42 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@dataclasses.dataclass
+class LoadSpy:
+    """What ``spy_on_loading`` saw: ``from_pretrained``'s kwargs per call, the models it built, and every
+    ``Module.to``/``.cuda`` (or other recorded mover) called after the first build, as (name, class, args)."""
+    calls: list = dataclasses.field(default_factory=list)
+    built: list = dataclasses.field(default_factory=list)
+    moved: list = dataclasses.field(default_factory=list)
+
+    def recorder(self, name: str):
+        def moved_after_build(target, *args, **kwargs):
+            if self.built:
+                self.moved.append((name, type(target).__name__, args))
+            return target
+        return moved_after_build
+
+
+def spy_on_loading(monkeypatch, device_map_here=None) -> LoadSpy:
+    """Record how models are loaded, for checking the GPU placement on a machine without GPUs.
+
+    ``PreTrainedModel.from_pretrained`` records its kwargs, then loads with ``device_map=device_map_here`` (where
+    the requested map would have put the weights, here the CPU); ``nn.Module.to`` and ``.cuda`` become no-ops that
+    record a move after the build (a model built on the host and then moved is the defect these tests catch).
+    """
+    spy = LoadSpy()
+    original = T.PreTrainedModel.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        spy.calls.append(dict(kwargs))
+        kwargs["device_map"] = device_map_here
+        model = original(cls, *args, **kwargs)
+        spy.built.append(model)
+        return model
+
+    monkeypatch.setattr(T.PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+    for name in ("to", "cuda"):
+        monkeypatch.setattr(torch.nn.Module, name, spy.recorder(name))
+    return spy

@@ -24,7 +24,7 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, processors
 
-from conftest import FAMILIES, REPO, tiny_config, tiny_model
+from conftest import FAMILIES, REPO, spy_on_loading, tiny_config, tiny_model
 from moe_ds import cache_teacher as ct
 from moe_ds import teacher_cache as tc
 from moe_ds.cache_teacher import CacheTeacherConfig, CacheTeacherError, cache_teacher, load_teacher, teacher_precision
@@ -63,31 +63,12 @@ def dense_teacher(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.mark.parametrize("quantize", ["none", "8bit"])
 def test_teacher_weights_go_to_the_ranks_gpu_through_from_pretrained(dense_teacher, monkeypatch, quantize):
     """from_pretrained gets ``device_map={"": cuda:LOCAL_RANK}``; the built model is never moved."""
-    calls, built, moved = [], [], []
-    original = T.PreTrainedModel.from_pretrained.__func__
-
-    def from_pretrained(cls, *args, **kwargs):
-        calls.append(dict(kwargs))
-        kwargs["device_map"] = {"": "cpu"}  # no GPU on this machine: load where the map would have put it
-        model = original(cls, *args, **kwargs)
-        built.append(model)
-        return model
-
-    def record(name):
-        def moved_after_build(self, *args, **kwargs):
-            if built:
-                moved.append((name, type(self).__name__, args))
-            return self
-        return moved_after_build
-
-    monkeypatch.setattr(T.PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
-    for name in ("to", "cuda"):
-        monkeypatch.setattr(torch.nn.Module, name, record(name))
+    spy = spy_on_loading(monkeypatch, {"": "cpu"})  # no GPU here: load where the map would have put it
     cfg = CacheTeacherConfig(teacher=str(dense_teacher), data="unused.jsonl", output="unused.h5", quantize=quantize)
     model, precision = load_teacher(cfg, torch.device("cuda", 3))
-    assert len(calls) == 1 and calls[0]["device_map"] == {"": torch.device("cuda", 3)} and model is built[0]
-    assert calls[0]["dtype"] == torch.bfloat16  # --dtype auto on a GPU
-    assert moved == []
+    assert len(spy.calls) == 1 and spy.calls[0]["device_map"] == {"": torch.device("cuda", 3)}
+    assert model is spy.built[0] and spy.calls[0]["dtype"] == torch.bfloat16  # --dtype auto on a GPU
+    assert spy.moved == []
     assert precision == ("bfloat16" if quantize == "none" else "8bit(bitsandbytes: 14 nn.Linear; the rest bfloat16)")
 
 

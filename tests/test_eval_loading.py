@@ -19,9 +19,8 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
-import transformers as T
 
-from conftest import REPO, save_tiny_lm, tiny_model
+from conftest import REPO, save_tiny_lm, spy_on_loading, tiny_model
 from moe_ds.checkpoint import compress_model, save_compressed
 from moe_ds.cli import run
 from moe_ds.evaluate import BASELINE_DIR, EvalConfig, load_for_eval, read_results
@@ -164,32 +163,13 @@ def test_weights_go_to_the_gpus_through_from_pretrained(bf16_dirs, monkeypatch, 
     """from_pretrained gets the device map and dtype "auto"; the built model is never moved or dispatched."""
     import accelerate
 
-    calls, built, moved = [], [], []
-    original = T.PreTrainedModel.from_pretrained.__func__
-
-    def from_pretrained(cls, *args, **kwargs):
-        calls.append(dict(kwargs))
-        kwargs["device_map"] = None  # no GPU on this machine: load on CPU, where the map would have been used
-        model = original(cls, *args, **kwargs)
-        built.append(model)
-        return model
-
-    def record(name):
-        def moved_after_build(self, *args, **kwargs):
-            if built:
-                moved.append((name, type(self).__name__, args))
-            return self
-        return moved_after_build
-
-    monkeypatch.setattr(T.PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+    spy = spy_on_loading(monkeypatch)  # no GPU on this machine: loads on CPU, where the map would have
     monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpu)
-    for name in ("to", "cuda"):
-        monkeypatch.setattr(torch.nn.Module, name, record(name))
-    monkeypatch.setattr(accelerate, "dispatch_model", record("dispatch_model"))
+    monkeypatch.setattr(accelerate, "dispatch_model", spy.recorder("dispatch_model"))
     model, _ = load_for_eval(bf16_dirs[kind], "auto")
-    assert len(calls) == 1
-    assert calls[0].get("device_map") == device_map and calls[0]["dtype"] == "auto"
-    assert moved == []
+    assert len(spy.calls) == 1
+    assert spy.calls[0].get("device_map") == device_map and spy.calls[0]["dtype"] == "auto"
+    assert spy.moved == []
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
