@@ -119,6 +119,7 @@ class SharedCoreExperts(nn.Module):
         self.init_std = init_std
         self.implementation = "auto"  # experts kernel: "auto", "grouped" or "loop" (see forward)
         self._products, self._products_key = None, None  # cached core_products (no-grad forwards only)
+        self._padded_cache = {}  # zero-padded factors of the grouped path (no-grad forwards only), see _padded
         kw = {"dtype": dtype, "device": device}
         for p in PROJECTIONS:
             d_out, d_in = self.projection_shape(p)
@@ -229,6 +230,7 @@ class SharedCoreExperts(nn.Module):
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in params)
         if not needs_grad and self._products_key == key:
             return self._products
+        self._padded_cache.clear()
         products = {p: torch.matmul(getattr(self, f"{p}_u_in").mT, getattr(self, f"{p}_core").t())
                     for p in ("gate", "up") if self.ranks[p] > 0}
         if self.ranks["down"] > 0:
@@ -297,7 +299,7 @@ class SharedCoreExperts(nn.Module):
 
         def gmm(a, b, proj, pad_dim):  # a [N, K] @ b[e] for its group; the rank dimension of b padded with zeros
             if pad[proj]:
-                b = F.pad(b, (0, pad[proj]) if pad_dim == -1 else (0, 0, 0, pad[proj]))
+                b = self._padded(b, pad[proj], pad_dim)
             return F.grouped_mm(a, b, offs=offs)
 
         products = self.core_products()
@@ -325,6 +327,22 @@ class SharedCoreExperts(nn.Module):
             correction = gmm(gmm(g, products["down"], "down", -1) * weight, self.down_u_out.mT, "down", -2)
             out = out + per_token(correction)
         return out
+
+    def _padded(self, b: torch.Tensor, pad: int, pad_dim: int) -> torch.Tensor:
+        """``b`` [E, K, N] with its rank dimension (``pad_dim`` -1 or -2) zero-padded by ``pad``. Padding copies all
+        E experts' factors, which at T = 1 costs more than the product itself: while no gradient is needed the
+        copy is cached, keyed like ``core_products`` to the source's storage, version, shape and strides, and
+        dropped whenever ``core_products`` recomputes (the parameters changed), so it never holds stale copies."""
+        spec = (0, pad) if pad_dim == -1 else (0, 0, 0, pad)
+        if torch.is_grad_enabled() and b.requires_grad:
+            return F.pad(b, spec)
+        slot = (b.data_ptr(), b.dtype, b.device, tuple(b.shape), b.stride(), pad, pad_dim)
+        hit = self._padded_cache.get(slot)
+        if hit is not None and hit[0] == b._version:
+            return hit[1]
+        padded = F.pad(b.detach(), spec)
+        self._padded_cache[slot] = (b._version, padded)
+        return padded
 
     def _forward_loop(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """One Python iteration per expert (the reference; any dtype and device)."""
