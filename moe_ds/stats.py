@@ -2,8 +2,11 @@
 
 ``expert_params``/``expert_bytes`` are the one formula for a MoE layer's routed-expert storage, dense or
 shared-core; the rank choice (``moe_ds.compress``) and ``compression_statistics`` both use it. Statistics
-come from the config alone (meta-device builds, no weights), so they run for 30B-parameter models anywhere.
+come from the config alone (meta-device builds, no weights), so they run for 30B-parameter models anywhere;
+``routing_statistics`` adds, per layer, what a calibration measured of the router.
 """
+
+import math
 
 import torch
 
@@ -123,6 +126,33 @@ def compression_statistics(config, tokens_per_forward: int = 8192) -> dict:
                   "ratio": total_comp / total_orig, "experts_original": n_layers * expert_bytes(e, d, i, None, dtype),
                   "experts_compressed": n_layers * expert_bytes(e, d, i, ranks, dtype)},
     }
+
+
+RARE_EXPERT_SHARE = 0.01  # an expert visited by fewer than this share of a layer's tokens counts as rarely used
+
+
+def routing_statistics(tokens, total_tokens: int, rare_share: float = RARE_EXPERT_SHARE) -> dict:
+    """How evenly one MoE layer's router spreads tokens over its experts (from a calibration's ``tokens``).
+
+    Args:
+        tokens: [E] tokens routed to each expert (top-k slots; a tensor or a sequence of numbers).
+        total_tokens: the tokens the layer saw, each counted once whatever k is (the calibration's ``tokens``).
+        rare_share: expert e is rarely used when tokens_e < rare_share · total_tokens, i.e. fewer than 1 % of the
+            tokens visit it (at k = 8 of E = 128, uniform routing sends each expert 6.25 % of the tokens).
+
+    Returns:
+        {"routing_entropy": H(p) in nats of p_e = tokens_e / Σ tokens, "max_entropy": log E (uniform routing),
+        "normalized_entropy": H / log E, "rare_experts": how many experts are rarely used, "rare_expert_share":
+        that count / E, "rare_threshold": rare_share}, plain floats and ints (YAML-ready).
+    """
+    counts = torch.as_tensor(tokens, dtype=torch.float64).clamp_min(0)
+    e = counts.numel()
+    p = counts / counts.sum() if counts.sum() > 0 else torch.full_like(counts, 1 / e)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    rare = int((counts < rare_share * total_tokens).sum().item())
+    return {"routing_entropy": entropy, "max_entropy": math.log(e),
+            "normalized_entropy": entropy / math.log(e) if e > 1 else 1.0, "rare_experts": rare,
+            "rare_expert_share": rare / e, "rare_threshold": rare_share}
 
 
 # Top-level aten ops that launch no kernel: views, allocations and no-op casts.
