@@ -273,21 +273,25 @@ def add_experts(sums: dict, x: torch.Tensor, top_k_index: torch.Tensor, top_k_we
         start = end
 
 
-def routing_summary(tokens: torch.Tensor) -> dict:
+def routing_summary(tokens: torch.Tensor, top_k: int) -> dict:
     """Balance of one layer's routing, from its tokens per expert.
 
     Args:
-        tokens: [E] tokens routed to each expert (top-k slots).
+        tokens: [E] tokens routed to each expert (top-k slots); top_k: k, so Σ tokens / k tokens reached the layer.
 
     Returns:
         {"routing_entropy": H(p) in nats with p = tokens / Σ tokens, "max_entropy": log E (uniform routing),
-         "rare_expert_share": share of the E experts with p < 1 %}.
+         "rare_expert_share": share of the E experts that fewer than 1 % of the layer's tokens visit} — the same
+        rule as ``compression_statistics.yaml`` (``moe_ds.stats.routing_statistics``).
     """
+    from .stats import routing_statistics
+
     tokens = tokens.double()
     p = tokens / tokens.sum().clamp_min(1.0)
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    total = tokens.sum().item() / max(top_k, 1)
     return {"routing_entropy": entropy, "max_entropy": math.log(len(tokens)),
-            "rare_expert_share": (p < 0.01).double().mean().item()}
+            "rare_expert_share": routing_statistics(tokens, total)["rare_expert_share"]}
 
 
 class StatisticsHooks:
@@ -527,7 +531,7 @@ def _check_model(cfg: CalibrateConfig):
     """
     from transformers import AutoConfig
 
-    from .compress import CompressError, ExpertReader, resolve_model_dir
+    from .model_files import CompressError, ExpertReader, resolve_model_dir
 
     model_dir = resolve_model_dir(cfg.model)
     if not (model_dir / "config.json").is_file():
@@ -795,7 +799,7 @@ def calibrate(cfg: CalibrateConfig) -> dict | None:
             with atomic_file(file) as tmp:
                 save_file(tensors, tmp, metadata={"format": "pt"})
             files[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256_file(file)}
-            summary[str(layer)] = routing_summary(tensors["tokens"])
+            summary[str(layer)] = routing_summary(tensors["tokens"], k)
             usage.append((tensors["tokens"] / tensors["tokens"].sum().clamp_min(1)).numpy())
         del reduced
     if info.is_main:

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -32,9 +31,10 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from .arch import PROJECTIONS, get_architecture
-from .checkpoint import (STATISTICS_FILE, finish_checkpoint, read_tensors, read_weight_map, shared_core_config,
+from .checkpoint import (STATISTICS_FILE, finish_checkpoint, shared_core_config,
                          validate_compressed_checkpoint)
 from .dist import barrier, device_for, init_distributed, log_main
+from .model_files import CompressError, ExpertReader, resolve_model_dir  # re-exported: the stage's API
 from .fit import (FitConfig, Init, Optimizer, Weighting, eckart_young_error, expert_weights, fit_projection,
                   output_error, projection_moments, whitening)
 from .run_layout import atomic_file, check_output_dir, remove_stale_temporaries, write_atomic
@@ -45,13 +45,6 @@ logger = logging.getLogger("moe_ds")
 FACTORS_DIR = ".factors"
 RUN_CONFIG = "compress_config.json"
 ASSEMBLY = ".assembly-"  # rank 0 builds the model files in OUTPUT/.assembly-XXXX/ and moves them into OUTPUT
-
-
-_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-class CompressError(ValueError):
-    """Bad input to the compression stage (the message names the problem)."""
 
 
 SaveDtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -128,82 +121,6 @@ def layers_for_rank(rank: int, world_size: int, layers: list[int]) -> list[int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside [0, {world_size})")
     return sorted(layers)[rank::world_size]
-
-
-def resolve_model_dir(model: str) -> Path:
-    """A local directory as is; otherwise a Hub id resolved with huggingface_hub (config, weights, tokenizer).
-
-    Raises:
-        CompressError: not a directory and not downloadable (offline and not cached, or unknown id).
-    """
-    path = Path(model)
-    if path.is_dir():
-        return path
-    if path.exists() or model.startswith((".", "/")) or model.count("/") != 1:
-        raise CompressError(f"model {model!r} is not a directory (and not a Hub id of the form org/name)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                             "*.jinja"]))
-    except Exception as err:  # offline and not cached, unknown repo, no network
-        raise CompressError(f"cannot resolve {model!r}: not a local directory, and the Hub lookup failed "
-                            f"({type(err).__name__}: {err}). Offline? Pass a local directory or pre-download.") from err
-
-
-class ExpertReader:
-    """Reads one layer's expert weights at a time from a model directory's safetensors, never the whole model.
-
-    Raises (at construction):
-        CheckpointError: no safetensors weights, or a missing shard (``checkpoint.read_weight_map``).
-        CompressError: no MoE expert weights, or some experts' weights missing.
-        UnsupportedModelError: the model type is not in ``arch.ARCHITECTURES``.
-    """
-
-    def __init__(self, model_dir: Path, config):
-        self.model_dir = Path(model_dir)
-        self.arch = get_architecture(config.model_type)
-        self.num_experts = int(getattr(config, self.arch.num_experts_key))
-        self.weight_map = read_weight_map(self.model_dir)
-        quantized = getattr(config, "quantization_config", None) or {}
-        method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method",
-                                                                                         None)
-        scales = [key for key in self.weight_map if key.endswith("weight_scale_inv")]
-        if method or scales:  # e.g. DeepSeek-V3's block-wise FP8 checkpoints
-            raise CompressError(f"{self.model_dir} stores quantized weights (quant_method={method!r}, "
-                                f"{len(scales)} *weight_scale_inv tensors); the fit needs the experts in "
-                                f"bf16/fp16/fp32: dequantize the checkpoint first")
-        self.layers = sorted(layer for layer in range(int(config.num_hidden_layers))
-                             if self.arch.expert_key(layer, 0, "gate") in self.weight_map)
-        if not self.layers:
-            raise CompressError(f"{self.model_dir}: no MoE expert weights found (looked for keys like "
-                                f"{self.arch.expert_key(0, 0, 'gate')!r})")
-        self.expert_keys = {self.arch.expert_key(layer, e, p) for layer in self.layers
-                            for e in range(self.num_experts) for p in PROJECTIONS}
-        absent = sorted(self.expert_keys - set(self.weight_map))
-        if absent:
-            raise CompressError(f"{self.model_dir}: {len(absent)} expert weights missing, e.g. {absent[:3]}")
-
-    def read_layer(self, layer: int) -> dict[str, torch.Tensor]:
-        """{proj: [E, d_out, d_in]} in the stored dtype, read lazily with ``safe_open``."""
-        keys = {p: [self.arch.expert_key(layer, e, p) for e in range(self.num_experts)] for p in PROJECTIONS}
-        tensors = read_tensors(self.model_dir, self.weight_map, [k for ks in keys.values() for k in ks])
-        return {p: torch.stack([tensors.pop(k) for k in ks]) for p, ks in keys.items()}
-
-    def non_expert_groups(self) -> dict[int, list[str]]:
-        """On-disk keys of every other tensor (embeddings, attention, norms, routers, shared experts), grouped
-        by decoder layer (-1: outside the layers)."""
-        groups: dict[int, list[str]] = {}
-        for key in self.weight_map:
-            if key not in self.expert_keys:
-                m = _LAYER_KEY.match(key)
-                groups.setdefault(int(m.group(1)) if m else -1, []).append(key)
-        return groups
-
-    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The given on-disk keys, returned under their in-memory names."""
-        tensors = read_tensors(self.model_dir, self.weight_map, keys)
-        return {self.arch.disk_to_memory(key): tensor for key, tensor in tensors.items()}
 
 
 def expert_ratio(rank: int, e: int, d: int, i: int) -> float:

@@ -144,7 +144,7 @@ def _resolve_hub_id(model_id: str, what: str) -> Path:
     Raises:
         EvalError: offline and not cached, unknown id or no network (one line naming ``what`` and the id).
     """
-    from moe_ds.compress import CompressError, resolve_model_dir
+    from moe_ds.model_files import CompressError, resolve_model_dir
 
     try:
         path = resolve_model_dir(model_id)

@@ -128,10 +128,10 @@ def test_heldout_rows_are_the_last_tokens_of_the_calibration_in_flattened_order(
 
 
 def test_routing_summary():
-    s = cal.routing_summary(torch.tensor([50.0, 50.0, 0.0, 0.0]))
+    s = cal.routing_summary(torch.tensor([50.0, 50.0, 0.0, 0.0]), 1)
     assert s == {"routing_entropy": pytest.approx(math.log(2)), "max_entropy": pytest.approx(math.log(4)),
                  "rare_expert_share": 0.5}
-    assert cal.routing_summary(torch.ones(8))["routing_entropy"] == pytest.approx(math.log(8))
+    assert cal.routing_summary(torch.ones(8), 2)["routing_entropy"] == pytest.approx(math.log(8))
 
 
 def test_structure_sizes_at_qwen3_30b_a3b_shape():
@@ -216,7 +216,7 @@ def test_statistics_equal_a_direct_computation(root, tmp_path, family, structure
             tol = {"rtol": 1e-5, "atol": 1e-6} if got[name].dtype != torch.int64 else {"rtol": 0, "atol": 0}
             torch.testing.assert_close(got[name].double(), value.double(), **tol, msg=f"layer {layer} {name}")
         summary = manifest["routing"][str(layer)]
-        assert summary == pytest.approx(cal.routing_summary(reference["tokens"]))
+        assert summary == pytest.approx(cal.routing_summary(reference["tokens"], manifest["top_k"]))
     assert (tmp_path / "cal" / "expert_usage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "cal" / cal.PARTIAL_DIR).exists()
     assert manifest["router_scores"] == ("sigmoid" if family == "deepseek_v3" else "softmax")
