@@ -7,6 +7,9 @@ Tests are CPU-only. Tests that start processes through the DeepSpeed launcher ca
 import dataclasses
 import os
 import random
+import signal
+import subprocess
+import time
 import sysconfig
 from pathlib import Path
 
@@ -200,3 +203,42 @@ def spy_on_loading(monkeypatch, device_map_here=None) -> LoadSpy:
     for name in ("to", "cuda"):
         monkeypatch.setattr(torch.nn.Module, name, spy.recorder(name))
     return spy
+
+
+def run_killable(cmd: list[str], env: dict, *, kill_when=None, timeout: float = 300, preexec_fn=None,
+                 capture: str = "stderr", what: str = "the stage") -> tuple[int, str, bool]:
+    """Run ``cmd`` in its own process group; SIGKILL the whole group as soon as ``kill_when()`` is true (polled
+    every 5 ms). ``capture``: "stderr" (stdout discarded) or "both" (stderr folded into stdout). A run still going
+    after ``timeout`` s is killed and fails the test as a hang.
+
+    Returns (exit code, captured text, killed).
+    """
+    proc = subprocess.Popen([str(a) for a in cmd], cwd=REPO, env=env, text=True, preexec_fn=preexec_fn,
+                            start_new_session=True,
+                            stdout=subprocess.DEVNULL if capture == "stderr" else subprocess.PIPE,
+                            stderr=subprocess.PIPE if capture == "stderr" else subprocess.STDOUT)
+    killed, t0 = False, time.time()
+    if kill_when is not None:
+        while proc.poll() is None and time.time() - t0 < timeout:
+            if kill_when():
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.005)
+    try:
+        out, err = proc.communicate(timeout=max(1.0, timeout - (time.time() - t0)))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{what} still ran after {timeout} s (hung?): {(err if capture == 'stderr' else out)[-3000:]}")
+    return proc.returncode, err if capture == "stderr" else out, killed
+
+
+def load_launcher(stage: str):
+    """The module ``launch/STAGE.py``, loaded as a script would be, for calling its ``main`` in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"launch_{stage}", REPO / "launch" / f"{stage}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 writes nothing. Each case runs the launcher's own ``main`` through ``moe_ds.cli.run``, as ``python launch/X.py``
 does (tests/test_launchers.py checks the same through real processes)."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -12,15 +11,11 @@ import torch
 import transformers as T
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, tiny_model
+from conftest import load_launcher, tiny_model
 from moe_ds.cli import run
 
 
-def launcher(stage: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{stage}", REPO / "launch" / f"{stage}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+launcher = load_launcher
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,10 @@
 errors, bad input, the structure choice at Qwen3-30B-A3B's shape, 2 ranks against 1, and a killed run's resume."""
 
 import glob
-import importlib.util
 import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +17,7 @@ import torch.nn.functional as F
 import transformers as T
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, launcher_env, single_process_env, spy_on_loading, tiny_model
+from conftest import REPO, launcher_env, load_launcher, run_killable, single_process_env, spy_on_loading, tiny_model
 from moe_ds import calibrate as cal
 from moe_ds.calibrate import CalibrateConfig, CalibrationError, calibrate, load_calibration
 from moe_ds.cli import run
@@ -360,10 +357,7 @@ def test_reader_refuses_a_calibration_of_a_different_model(root, finished, tmp_p
 # ----------------------------------------------------------------------------------------------- bad input
 
 def launcher():
-    spec = importlib.util.spec_from_file_location("launch_calibrate", REPO / "launch" / "calibrate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_launcher("calibrate")
 
 
 @pytest.fixture(scope="module")
@@ -439,23 +433,8 @@ def launch(args, ranks: int = 1, kill_when=None, env_extra=None, timeout: float 
         cmd = [str(REPO / ".venv" / "bin" / "deepspeed"), "--include", "localhost:0,1", "--master_port",
                str(single_process_env()["MASTER_PORT"]), str(REPO / "launch" / "calibrate.py")]
         env = launcher_env(**(env_extra or {}))
-    proc = subprocess.Popen([*cmd, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    killed, t0 = False, time.time()
-    if kill_when is not None:
-        while proc.poll() is None and time.time() - t0 < timeout:
-            if kill_when():
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed = True
-                break
-            time.sleep(0.005)
-    try:
-        out, _ = proc.communicate(timeout=max(1.0, timeout - (time.time() - t0)))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"the calibration still ran after {timeout} s (hung?): {out[-3000:]}")
-    return proc.returncode, out, killed
+    return run_killable([*cmd, *args], env, kill_when=kill_when, timeout=timeout, capture="both",
+                        what="the calibration")
 
 
 def layer_tensors(folder: Path) -> dict[str, torch.Tensor]:

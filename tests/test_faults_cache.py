@@ -3,12 +3,8 @@ disk (a file-size limit, RLIMIT_FSIZE, set in the child) at several points resum
 whose datasets and attributes equal an uninterrupted run's, and nothing partial is ever read as complete."""
 
 import glob
-import os
 import resource
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -16,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, launcher_env, single_process_env
+from conftest import REPO, launcher_env, run_killable, single_process_env
 from moe_ds import teacher_cache as tc
 from moe_ds.cli import run
 
@@ -43,23 +39,8 @@ def launch(args, ranks: int = 1, fsize: int | None = None, kill_when=None, timeo
         cmd, env = [sys.executable, str(REPO / "launch" / "cache_teacher.py")], single_process_env()
     else:
         cmd, env = ["bash", str(REPO / "launch" / "cache_teacher.sh"), "--nproc", str(ranks)], launcher_env()
-    proc = subprocess.Popen([*cmd, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=limit, start_new_session=True)
-    killed, t0 = False, time.time()
-    if kill_when is not None:
-        while proc.poll() is None and time.time() - t0 < timeout:
-            if kill_when():
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed = True
-                break
-            time.sleep(0.005)
-    try:
-        _, err = proc.communicate(timeout=max(1.0, timeout - (time.time() - t0)))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"the cache stage still ran after {timeout} s (hung?): {err[-3000:]}")
-    return proc.returncode, err, killed
+    return run_killable([*cmd, *args], env, kill_when=kill_when, timeout=timeout, preexec_fn=limit,
+                        what="the cache stage")
 
 
 def rerun(args, capsys) -> tuple[int, str]:

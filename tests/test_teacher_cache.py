@@ -1,7 +1,6 @@
 """Teacher top-k cache: format round trip, validation of bad input, and the real 2-rank caching pass."""
 
 import gzip
-import importlib.util
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, models
 
-from conftest import REPO, SHARED_DATA, launcher_env, tiny_model
+from conftest import REPO, SHARED_DATA, launcher_env, load_launcher, tiny_model
 from moe_ds import teacher_cache as tc
 from moe_ds.cache_teacher import (RUN_CONFIG, STOP_AFTER_ENV, CacheTeacherConfig, CacheTeacherError, cache_teacher,
                                   check_teacher_vocab, load_teacher, teacher_topk)
@@ -734,10 +733,7 @@ def test_script_rerun_of_a_finished_cache_returns_at_once_and_changes_nothing(tm
 # ----------------------------------------------------------------------------------------------- bad input, one line
 
 def _launcher():
-    spec = importlib.util.spec_from_file_location("launch_cache_teacher", REPO / "launch" / "cache_teacher.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_launcher("cache_teacher")
 
 
 @pytest.fixture(scope="module")
