@@ -48,6 +48,7 @@ class PlanConfig:
     cache_batch_size: int = 8  # sequences per teacher forward, cache
     compression: Literal["none", "lzf", "gzip"] = "lzf"  # HDF5 filter of the cache
     trainable: Literal["experts", "all"] = "experts"  # what distillation trains: compressed experts + routers, or all
+    objective: Literal["weight", "activation"] = "weight"  # the compress fit's objective (activation: with --calibration)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # training and storage dtype
 
     def __post_init__(self):
@@ -83,7 +84,7 @@ def _largest_module_params(model: torch.nn.Module) -> int:
     return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
 
 
-def fit_peak_bytes(num_experts: int, d_out: int, d_in: int, rank: int) -> int:
+def fit_peak_bytes(num_experts: int, d_out: int, d_in: int, rank: int, objective: str = "weight") -> int:
     """Peak device memory of ``moe_ds.fit.fit_projection`` on one [E, d_out, d_in] projection, in bytes.
 
     The fit runs in fp32. Its peak is in the Adam loop: the weights W, plus the autograd graph of
@@ -93,15 +94,19 @@ def fit_peak_bytes(num_experts: int, d_out: int, d_in: int, rank: int) -> int:
     its ridge solve is built on the smaller side). Measured against torch.profiler's memory timeline on CPU
     (``tests/test_plan.py``) and ``torch.cuda.max_memory_allocated`` on a GPU (the ``gpu`` test).
 
+    The activation objective (``--calibration``) also holds the whitened target W·S and the whitening S itself,
+    one [E, d_in, d_in] tensor: + 4·(E·d_out·d_in + E·d_in²) (``fit_projection``'s docstring; torch.profiler).
+
     Args:
-        num_experts, d_out, d_in: E and the projection's shape; rank: r.
+        num_experts, d_out, d_in: E and the projection's shape; rank: r; objective: "weight" or "activation".
 
     Returns:
-        Bytes: 4·(6·E·d_out·d_in + 4·d_out·d_in + 5·2·E·r·(d_out + d_in)).
+        Bytes: 4·(6·E·d_out·d_in + 4·d_out·d_in + 5·2·E·r·(d_out + d_in)), plus the activation term.
     """
     weights = num_experts * d_out * d_in
     wrappers = num_experts * 2 * rank * (d_out + d_in)
-    return 4 * (6 * weights + 4 * d_out * d_in + 5 * wrappers)
+    extra = weights + num_experts * d_in * d_in if objective == "activation" else 0
+    return 4 * (6 * weights + 4 * d_out * d_in + 5 * wrappers + extra)
 
 
 def plan(cfg: PlanConfig, config=None) -> dict:
@@ -139,7 +144,7 @@ def plan(cfg: PlanConfig, config=None) -> dict:
         largest = _largest_module_params(model_cls(compressed_config))
 
     # Stage 1: one layer's experts read in the stored dtype (host); the fit of one projection in fp32 (device).
-    fit_device = max(fit_peak_bytes(e, do, di, rank) for do, di in projection_shapes(d, i).values())
+    fit_device = max(fit_peak_bytes(e, do, di, rank, cfg.objective) for do, di in projection_shapes(d, i).values())
     compress = {"host_per_rank": 3 * e * d * i * b_stored, "device_per_rank": fit_device,
                 "disk_model": total_comp * b_stored, "disk_factors": n_layers * expert_params(e, d, i, ranks) * 4}
 
