@@ -21,9 +21,9 @@ from moe_ds.arch import UnsupportedModelError
 from moe_ds.calibrate import CalibrateConfig, CalibrationError, calibrate
 from moe_ds.checkpoint import CheckpointError
 from moe_ds.cli import parse_config, run
-from moe_ds.compress import CompressError
 from moe_ds.corpus import CorpusError
 from moe_ds.dist import setup_logging
+from moe_ds.model_files import CompressError
 from moe_ds.run_layout import OutputError
 
 ERRORS = (CalibrationError, CompressError, CheckpointError, UnsupportedModelError, CorpusError, OutputError)

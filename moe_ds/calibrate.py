@@ -22,7 +22,6 @@ one d×d and one I×I matrix per expert (``full``) or per layer one shared matri
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -286,12 +285,8 @@ def routing_summary(tokens: torch.Tensor, top_k: int) -> dict:
     """
     from .stats import routing_statistics
 
-    tokens = tokens.double()
-    p = tokens / tokens.sum().clamp_min(1.0)
-    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
-    total = tokens.sum().item() / max(top_k, 1)
-    return {"routing_entropy": entropy, "max_entropy": math.log(len(tokens)),
-            "rare_expert_share": routing_statistics(tokens, total)["rare_expert_share"]}
+    stats = routing_statistics(tokens, tokens.sum().item() / max(top_k, 1))
+    return {key: stats[key] for key in ("routing_entropy", "max_entropy", "rare_expert_share")}
 
 
 class StatisticsHooks:

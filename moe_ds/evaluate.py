@@ -95,7 +95,9 @@ class EvalConfig:
             raise EvalError("tasks is empty")
         if "perplexity" in self.tasks and self.ppl_file is None:
             raise EvalError("task 'perplexity' needs ppl_file")
-        if self.baseline is not None and _is_hub_id(self.baseline):
+        from moe_ds.model_files import is_hub_id
+
+        if self.baseline is not None and is_hub_id(self.baseline):
             self.baseline = str(_resolve_hub_id(self.baseline, "baseline"))
         # A watched run directory may not exist yet: the evaluator is started before training (see watch.py).
         for name, path in (("checkpoint", self.checkpoint), ("baseline", self.baseline),
@@ -133,13 +135,8 @@ class EvalConfig:
                 raise EvalError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
-def _is_hub_id(name: str) -> bool:
-    """A name that is no existing path but reads as a Hub id ``org/name`` (``./x`` and ``/x`` stay paths)."""
-    return not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
-
-
 def _resolve_hub_id(model_id: str, what: str) -> Path:
-    """The local snapshot folder of a Hub id, as ``launch/compress.py`` resolves it (``compress.resolve_model_dir``).
+    """The local snapshot folder of a Hub id, as ``launch/compress.py`` resolves it (``model_files.resolve_model_dir``).
 
     Raises:
         EvalError: offline and not cached, unknown id or no network (one line naming ``what`` and the id).

@@ -21,6 +21,11 @@ class CompressError(ValueError):
     the problem)."""
 
 
+def is_hub_id(name: str) -> bool:
+    """``name`` is no existing path and reads as a Hub id ``org/name`` (``./x``, ``/x`` and ``~/x`` stay paths)."""
+    return not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def resolve_model_dir(model: str) -> Path:
     """A local directory as is; otherwise a Hub id resolved with huggingface_hub (config, weights, tokenizer).
 
@@ -30,7 +35,7 @@ def resolve_model_dir(model: str) -> Path:
     path = Path(model)
     if path.is_dir():
         return path
-    if path.exists() or model.startswith((".", "/")) or model.count("/") != 1:
+    if not is_hub_id(model):
         raise CompressError(f"model {model!r} is not a directory (and not a Hub id of the form org/name)")
     from huggingface_hub import snapshot_download
 
