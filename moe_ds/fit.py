@@ -22,6 +22,7 @@ from typing import Literal, get_args
 
 import torch
 
+from .lowrank import LowRankExperts
 from .shared_core import SharedCoreExperts, mean_init, reconstruct
 
 Init = Literal["mean", "svd"]
@@ -427,12 +428,14 @@ def output_error(dense: dict[str, torch.Tensor], factors: dict[str, dict], x: to
                  top_k_index: torch.Tensor, top_k_weights: torch.Tensor, hidden_act: str = "silu") -> float:
     """Relative error of the MoE experts' combined output Σ_j g_j f_{e_j}(x), fitted vs original, on given tokens.
 
-    The fitted side runs the shared-core module itself (``SharedCoreExperts.forward``), so this is the error the
-    compressed model's experts make on those tokens (the routing is the original model's).
+    The fitted side runs the compressed experts module itself (``SharedCoreExperts.forward``, or
+    ``LowRankExperts.forward`` for the lowrank and delta forms), so this is the error the compressed model's experts
+    make on those tokens (the routing is the original model's).
 
     Args:
         dense: the original weights (see ``experts_output``).
-        factors: {proj: {"core", "u_in", "v_in", "u_out", "v_out"}} (``FitResult.factors`` of each projection).
+        factors: per projection, either the shared core's {"core", "u_in", "v_in", "u_out", "v_out"}
+            (``FitResult.factors``) or the low-rank forms' {"a", "b"[, "base"]} (``lowrank.LowRankFit.factors``).
         x: [T, d] float32 (the calibration's ``heldout_inputs``); top_k_index: [T, k] int64;
             top_k_weights: [T, k]; hidden_act: the gate's activation.
 
@@ -444,13 +447,14 @@ def output_error(dense: dict[str, torch.Tensor], factors: dict[str, dict], x: to
     """
     if x.shape[0] == 0:
         raise ValueError("output_error needs at least one token")
-    device = factors["gate"]["core"].device
+    module_cls = SharedCoreExperts if "core" in factors["gate"] else LowRankExperts
+    device = next(iter(factors["gate"].values())).device
     x, top_k_index = x.to(device=device, dtype=torch.float32), top_k_index.to(device)
     top_k_weights = top_k_weights.to(device=device, dtype=torch.float32)
     with torch.no_grad():
         y = experts_output(dense, x, top_k_index, top_k_weights, hidden_act)
-        module = SharedCoreExperts.from_factors({p: {k: t.float() for k, t in f.items()} for p, f in factors.items()},
-                                                hidden_act)
+        module = module_cls.from_factors({p: {k: t.float() for k, t in f.items()} for p, f in factors.items()},
+                                         hidden_act)
         y_hat = module(x, top_k_index, top_k_weights)
     return (torch.linalg.vector_norm(y_hat - y) / torch.linalg.vector_norm(y).clamp_min(1e-30)).item()
 
