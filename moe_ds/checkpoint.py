@@ -2,8 +2,12 @@
 
 A compressed model directory is a Hugging Face model directory (safetensors weights only) whose config.json
 has ``model_type = "shared_core_<family>"``, a ``shared_core`` section and an ``auto_map``; beside it lie
-verbatim copies of arch.py, shared_core.py and modeling_shared_core.py (so ``trust_remote_code`` loads it
-without moe-ds), compression_statistics.yaml (``moe_ds.stats``) and the tokenizer files.
+verbatim copies of arch.py, shared_core.py, lowrank.py and modeling_shared_core.py (so ``trust_remote_code`` loads
+it without moe-ds), compression_statistics.yaml (``moe_ds.stats``) and the tokenizer files.
+
+The ``shared_core`` section: {"format_version", ["form",] "base_model_type", "ranks", "method"}. The experts'
+form is "shared_core" (``SharedCoreExperts``; format_version 1, no "form" key, as every checkpoint before the
+low-rank forms), or "lowrank" / "delta" (``LowRankExperts``; format_version 2); see ``modeling_shared_core``.
 """
 
 import contextlib
@@ -17,16 +21,17 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from . import arch as arch_module
-from . import modeling_shared_core, shared_core
+from . import lowrank, modeling_shared_core, shared_core
 from .arch import PROJECTIONS, get_architecture
-from .modeling_shared_core import (SHARED_CORE_FORMAT_VERSION, base_config_dict, base_model_class, find_experts,
-                                   shared_core_classes)
+from .lowrank import LowRankExperts
+from .modeling_shared_core import (FORMAT_VERSIONS, FORMS, base_config_dict, base_model_class, checkpoint_form,
+                                   find_experts, shared_core_classes)
 from .run_layout import atomic_output_dir
 from .shared_core import SharedCoreExperts
 from .stats import compression_statistics
 
 # Files copied verbatim beside each checkpoint for trust_remote_code.
-SHIPPED_MODULES = (arch_module, shared_core, modeling_shared_core)
+SHIPPED_MODULES = (arch_module, shared_core, lowrank, modeling_shared_core)
 STATISTICS_FILE = "compression_statistics.yaml"
 # Non-weight files a model directory may carry (tokenizer and generation settings), copied by finish_checkpoint.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -38,18 +43,27 @@ class CheckpointError(ValueError):
     """A directory's weights or config do not form a valid (compressed) checkpoint."""
 
 
-def shared_core_config(config: PretrainedConfig, ranks: dict, method: str = "mean") -> PretrainedConfig:
+def shared_core_config(config: PretrainedConfig, ranks: dict, method: str = "mean",
+                       form: str = "shared_core") -> PretrainedConfig:
     """The config of the compressed model: the original config plus a ``shared_core`` section.
 
     Args:
         config: config of the original (or already compressed) model.
         ranks: {"gate": r, "up": r, "down": r}.
-        method: how the factors were obtained (recorded): "mean" or "svd" (the ``moe_ds.fit`` starts).
+        method: how the factors were obtained (recorded): e.g. "mean" or "svd" (the ``moe_ds.fit`` starts).
+        form: the experts' form, "shared_core", "lowrank" or "delta" (module docstring); the shared core is
+            written as format_version 1 without a "form" key, the others as version 2 with one.
+
+    Raises:
+        CheckpointError: an unknown form.
     """
+    if form not in FORMS:
+        raise CheckpointError(f"unknown expert form {form!r}; expected one of {', '.join(FORMS)}")
     arch = get_architecture(config.model_type)
     config_cls, model_cls = shared_core_classes(arch.model_type)
-    section = {"format_version": SHARED_CORE_FORMAT_VERSION, "base_model_type": arch.model_type,
-               "ranks": {p: int(ranks[p]) for p in PROJECTIONS}, "method": method}
+    section = {"format_version": FORMAT_VERSIONS[form], **({} if form == "shared_core" else {"form": form}),
+               "base_model_type": arch.model_type, "ranks": {p: int(ranks[p]) for p in PROJECTIONS},
+               "method": method}
     new = config_cls(**base_config_dict(config), shared_core=section)
     new.architectures = [model_cls.__name__]
     new.auto_map = {"AutoConfig": f"modeling_shared_core.{config_cls.__name__}",
@@ -81,15 +95,19 @@ def _model_from_state(model_cls, config, state: dict, source: torch.nn.Module) -
 
 
 def compress_model(model: PreTrainedModel, ranks: dict, experts: dict | None = None,
-                   method: str = "mean", init_std: float = 1.0, seed: int = 0) -> PreTrainedModel:
-    """A shared-core model built from a stock MoE model, sharing its non-expert tensors.
+                   method: str = "mean", init_std: float = 1.0, seed: int = 0,
+                   form: str = "shared_core") -> PreTrainedModel:
+    """A compressed model built from a stock MoE model, sharing its non-expert tensors.
 
     Args:
         model: a transformers MoE causal LM of a supported family.
         ranks: {"gate": r, "up": r, "down": r}.
-        experts: {layer index: SharedCoreExperts} with fitted factors; layers not given get the "mean"
-            start (C = mean expert, U = 0, V ~ N(0, init_std²), seeded per layer; ``shared_core.mean_init``).
+        experts: {layer index: SharedCoreExperts or LowRankExperts (matching ``form``)} with fitted factors;
+            layers not given get, for the shared core, the "mean" start (C = mean expert, U = 0,
+            V ~ N(0, init_std²), seeded per layer; ``shared_core.mean_init``), for "lowrank"/"delta" the
+            closed-form weight-objective fit (``LowRankExperts.from_dense``).
         method: recorded in ``config.shared_core["method"]``.
+        form: "shared_core", "lowrank" or "delta".
 
     Returns:
         An instance of the family's ``SharedCore*ForCausalLM``. Routers, shared experts, attention, norms and
@@ -97,15 +115,19 @@ def compress_model(model: PreTrainedModel, ranks: dict, experts: dict | None = N
 
     Raises:
         UnsupportedModelError: unsupported model type or no MoE layers.
+        CheckpointError: an unknown form.
     """
+    config = shared_core_config(model.config, ranks, method, form)
     experts = dict(experts or {})
     for layer, name in find_experts(model).items():
         if layer not in experts:
             old = model.get_submodule(name)
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)
-            experts[layer] = SharedCoreExperts.from_dense(old.gate_up_proj.detach(), old.down_proj.detach(), ranks,
-                                                          model.config.hidden_act, init_std, generator=gen)
-    config = shared_core_config(model.config, ranks, method)
+            gate_up, down, act = old.gate_up_proj.detach(), old.down_proj.detach(), model.config.hidden_act
+            if form == "shared_core":
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+                experts[layer] = SharedCoreExperts.from_dense(gate_up, down, ranks, act, init_std, generator=gen)
+            else:
+                experts[layer] = LowRankExperts.from_dense(gate_up, down, ranks, form == "delta", act)
     _, model_cls = shared_core_classes(config.model_type)
     replaced = {name: layer for layer, name in find_experts(model).items()}
     state = {}
@@ -139,8 +161,8 @@ def finish_checkpoint(out_dir: str | Path, config: PretrainedConfig, tokenizer=N
                       statistics: dict | None = None) -> None:
     """Complete a folder that already holds a model's weights and ``config.json`` (every writer calls this).
 
-    A shared-core model gets its modeling files (for ``trust_remote_code``) and compression_statistics.yaml
-    (accounting from ``config`` plus ``statistics``); any model gets its tokenizer.
+    A compressed model (any form) gets its modeling files (for ``trust_remote_code``) and
+    compression_statistics.yaml (accounting from ``config`` plus ``statistics``); any model gets its tokenizer.
 
     Args:
         out_dir: the checkpoint folder.
@@ -164,12 +186,12 @@ def finish_checkpoint(out_dir: str | Path, config: PretrainedConfig, tokenizer=N
 
 def save_compressed(model: PreTrainedModel, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
                     max_shard_size: str = "5GB", statistics: dict | None = None) -> Path:
-    """Save a shared-core model as a self-describing directory (see the module docstring).
+    """Save a compressed model (any form) as a self-describing directory (see the module docstring).
 
     The directory appears atomically (``run_layout.atomic_output_dir``).
 
     Args:
-        model: a ``SharedCore*ForCausalLM`` (from ``compress_model`` or ``load_compressed``).
+        model: a ``SharedCore*ForCausalLM`` of any form (from ``compress_model`` or ``load_compressed``).
         out_dir: destination directory.
         tokenizer: saved beside the weights when given.
         overwrite: replace an existing ``out_dir``.
@@ -177,10 +199,10 @@ def save_compressed(model: PreTrainedModel, out_dir: str | Path, tokenizer=None,
 
     Raises:
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
-        CheckpointError: ``model`` is not a shared-core model.
+        CheckpointError: ``model`` is not a compressed model.
     """
     if not isinstance(getattr(model.config, "shared_core", None), dict):
-        raise CheckpointError("save_compressed needs a shared-core model; use compress_model first")
+        raise CheckpointError("save_compressed needs a compressed model; use compress_model first")
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         finish_checkpoint(tmp, model.config, tokenizer, statistics)
@@ -273,8 +295,8 @@ def validate_compressed_checkpoint(path: str | Path) -> PretrainedConfig:
         The checkpoint's config (a ``SharedCore*Config``).
 
     Raises:
-        CheckpointError: no config, no ``shared_core`` section, unknown format version, or weights with
-            missing keys, extra keys or wrong shapes (the message names them).
+        CheckpointError: no config, no ``shared_core`` section, an unknown format version or form (or a form its
+            version cannot hold), or weights with missing keys, extra keys or wrong shapes (the message names them).
         UnsupportedModelError: the base model type is not supported.
     """
     path = Path(path)
@@ -284,9 +306,10 @@ def validate_compressed_checkpoint(path: str | Path) -> PretrainedConfig:
     section = raw.get("shared_core")
     if not isinstance(section, dict):
         raise CheckpointError(f"{path}/config.json has no shared_core section: not a compressed checkpoint")
-    if section.get("format_version") != SHARED_CORE_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unknown shared_core format_version {section.get('format_version')!r} "
-                              f"(this moe-ds reads version {SHARED_CORE_FORMAT_VERSION})")
+    try:
+        form = checkpoint_form(section)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from err
     if set(section.get("ranks", {})) != set(PROJECTIONS):
         raise CheckpointError(f"{path}: shared_core.ranks must name {PROJECTIONS}, got {section.get('ranks')}")
     config_cls, model_cls = shared_core_classes(raw.get("model_type", section.get("base_model_type", "")))
@@ -308,7 +331,8 @@ def validate_compressed_checkpoint(path: str | Path) -> PretrainedConfig:
     if wrong:
         problems.append(f"{len(wrong)} weights with wrong shapes (e.g. {'; '.join(wrong[:5])})")
     if problems:
-        raise CheckpointError(f"{path} does not match its config (ranks {section['ranks']}): " + "; ".join(problems))
+        raise CheckpointError(f"{path} does not match its config (form {form}, ranks {section['ranks']}): "
+                              + "; ".join(problems))
     return config
 
 

@@ -1,10 +1,17 @@
-"""transformers model classes whose MoE layers hold ``SharedCoreExperts``, and the surgery that installs them.
+"""transformers model classes whose MoE layers hold compressed experts, and the surgery that installs them.
 
 Each supported family gets a config class (``model_type = "shared_core_<family>"``) and a causal-LM class
-that builds the stock model and swaps every layer's fused experts for shared-core experts of the ranks in
-``config.shared_core["ranks"]``. Routers, shared experts, attention and norms are the stock modules.
+that builds the stock model and swaps every layer's fused experts for compressed experts of the form in
+``config.shared_core["form"]`` and the ranks in ``config.shared_core["ranks"]``: ``SharedCoreExperts`` ("shared_core",
+the form when the key is absent) or ``LowRankExperts`` ("lowrank", and "delta" with a shared base). Routers, shared
+experts, attention and norms are the stock modules.
 
-This file is shipped verbatim (with ``arch.py`` and ``shared_core.py``) beside every compressed checkpoint,
+Format versions of the ``shared_core`` section: 1 holds the shared core only (no "form" key); 2 adds "form". The
+shared core is still written as version 1, so older readers keep loading it; the low-rank forms are written as
+version 2, which a version-1 reader refuses instead of installing shared-core experts and misloading the weights.
+
+This file is shipped verbatim (with ``arch.py``, ``shared_core.py`` and ``lowrank.py``) beside every compressed
+checkpoint,
 and ``config.json`` names these classes in ``auto_map``, so
 ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` and
 ``lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True`` load it without moe-ds.
@@ -29,9 +36,30 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .arch import UnsupportedModelError, get_architecture
+from .lowrank import LowRankExperts
 from .shared_core import SharedCoreExperts
 
-SHARED_CORE_FORMAT_VERSION = 1
+FORMS = ("shared_core", "lowrank", "delta")  # expert forms of a compressed checkpoint
+FORMAT_VERSIONS = {"shared_core": 1, "lowrank": 2, "delta": 2}  # the format_version each form is written with
+READ_FORMAT_VERSIONS = (1, 2)
+
+
+def checkpoint_form(section: dict) -> str:
+    """The expert form of a ``config.shared_core`` section, after checking its format version.
+
+    Raises:
+        ValueError: an unknown format_version or form, or a form that its format_version cannot hold.
+    """
+    version = section.get("format_version")
+    if version not in READ_FORMAT_VERSIONS:
+        raise ValueError(f"unknown shared_core format_version {version!r}; this code reads versions "
+                         f"{', '.join(map(str, READ_FORMAT_VERSIONS))}")
+    form = section.get("form", "shared_core")
+    if form not in FORMS:
+        raise ValueError(f"unknown shared_core form {form!r}; this code reads {', '.join(FORMS)}")
+    if version < FORMAT_VERSIONS[form]:
+        raise ValueError(f"shared_core form {form!r} needs format_version {FORMAT_VERSIONS[form]}, got {version}")
+    return form
 
 
 def find_experts(model: nn.Module) -> dict[int, str]:
@@ -48,45 +76,54 @@ def find_experts(model: nn.Module) -> dict[int, str]:
     return dict(sorted(found.items()))
 
 
-def replace_experts(model: nn.Module, ranks: dict) -> nn.Module:
-    """Swap every MoE layer's fused experts module for a fresh ``SharedCoreExperts`` (peft-style surgery).
+def replace_experts(model: nn.Module, ranks: dict, form: str = "shared_core") -> nn.Module:
+    """Swap every MoE layer's fused experts module for fresh compressed experts (peft-style surgery).
 
-    The new modules start with random cores and identity wrappers; their values come from the checkpoint
-    being loaded (or from ``moe_ds.checkpoint.compress_model``, which fills them from dense experts).
+    The new modules start from their constructors' values (shared core: random cores, identity wrappers;
+    lowrank/delta: A = 0); their values come from the checkpoint being loaded (or from
+    ``moe_ds.checkpoint.compress_model``, which fills them from dense experts).
 
     Args:
         model: a transformers MoE causal LM of a supported family (may live on the meta device).
         ranks: {"gate": r, "up": r, "down": r}.
+        form: "shared_core" (``SharedCoreExperts``), "lowrank" or "delta" (``LowRankExperts`` without or with
+            a shared base).
 
     Returns:
         ``model``, modified in place.
+
+    Raises:
+        ValueError: an unknown form.
     """
+    if form not in FORMS:
+        raise ValueError(f"unknown expert form {form!r}; expected one of {', '.join(FORMS)}")
     for name in find_experts(model).values():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
-        if isinstance(old, SharedCoreExperts):
+        if form == "shared_core" and isinstance(old, SharedCoreExperts):
             continue
-        ref = old.gate_up_proj
+        if form != "shared_core" and isinstance(old, LowRankExperts) and old.has_base == (form == "delta"):
+            continue
+        ref = next(old.parameters())
         # Under ZeRO-3 the old parameters are partitioned placeholders: let zero.Init place the new ones.
-        device = None if hasattr(ref, "ds_id") else ref.device
-        setattr(parent, child, SharedCoreExperts(old.num_experts, old.hidden_dim, old.intermediate_dim, ranks,
-                                                 model.config.hidden_act, dtype=ref.dtype, device=device))
+        kw = {"dtype": ref.dtype, "device": None if hasattr(ref, "ds_id") else ref.device}
+        dims = (old.num_experts, old.hidden_dim, old.intermediate_dim, ranks, model.config.hidden_act)
+        new = (SharedCoreExperts(*dims, **kw) if form == "shared_core"
+               else LowRankExperts(*dims, base=form == "delta", **kw))
+        setattr(parent, child, new)
     return model
 
 
 class _SharedCoreMixin:
-    """Builds the stock model, then installs shared-core experts of ``config.shared_core["ranks"]``."""
+    """Builds the stock model, then installs compressed experts of ``config.shared_core``'s form and ranks."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         section = getattr(config, "shared_core", None)
         if not isinstance(section, dict) or "ranks" not in section:
             raise ValueError("config has no shared_core section with ranks: not a moe-ds compressed model")
-        if section.get("format_version") != SHARED_CORE_FORMAT_VERSION:
-            raise ValueError(f"unknown shared_core format_version {section.get('format_version')!r}; "
-                             f"this code reads version {SHARED_CORE_FORMAT_VERSION}")
-        replace_experts(self, section["ranks"])
+        replace_experts(self, section["ranks"], checkpoint_form(section))
 
 
 class SharedCoreQwen3MoeConfig(Qwen3MoeConfig):

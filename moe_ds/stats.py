@@ -1,7 +1,7 @@
-"""Expert-storage and compute accounting of shared-core models (compression_statistics.yaml).
+"""Expert-storage and compute accounting of compressed models (compression_statistics.yaml).
 
-``expert_params``/``expert_bytes`` are the one formula for a MoE layer's routed-expert storage, dense or
-shared-core; the rank choice (``moe_ds.compress``) and ``compression_statistics`` both use it. Statistics
+``expert_params``/``expert_bytes`` are the one formula for a MoE layer's routed-expert storage, dense or in a
+compressed form (shared core, lowrank, delta); the rank choice (``moe_ds.compress``) and ``compression_statistics`` both use it. Statistics
 come from the config alone (meta-device builds, no weights), so they run for 30B-parameter models anywhere;
 ``routing_statistics`` adds, per layer, what a calibration measured of the router.
 """
@@ -11,7 +11,8 @@ import math
 import torch
 
 from .arch import PROJECTIONS, get_architecture
-from .modeling_shared_core import base_model_class, find_experts
+from .lowrank import lowrank_params
+from .modeling_shared_core import FORMS, base_model_class, checkpoint_form, find_experts
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
@@ -35,12 +36,22 @@ def wrapper_params(hidden_size: int, intermediate_size: int, ranks: int | dict) 
     return sum(2 * r[p] * (d_out + d_in) for p, (d_out, d_in) in shapes.items())
 
 
-def expert_params(num_experts: int, hidden_size: int, intermediate_size: int, ranks: int | dict | None = None) -> int:
-    """Routed-expert parameters of one MoE layer: dense E·3·d·I (``ranks=None``), or shared-core
-    3·d·I (the three cores, once per layer) + E·``wrapper_params``."""
+def expert_params(num_experts: int, hidden_size: int, intermediate_size: int, ranks: int | dict | None = None,
+                  form: str = "shared_core") -> int:
+    """Routed-expert parameters of one MoE layer: dense E·3·d·I (``ranks=None``); with ranks, by ``form``:
+    "shared_core" 3·d·I (the three cores, once per layer) + E·``wrapper_params``; "lowrank" E·Σ_p r_p·(d + I);
+    "delta" that + 3·d·I (the three bases) (``lowrank.lowrank_params``).
+
+    Raises:
+        ValueError: an unknown form.
+    """
     d, i = hidden_size, intermediate_size
     if ranks is None:
         return num_experts * 3 * d * i
+    if form not in FORMS:
+        raise ValueError(f"unknown expert form {form!r}; expected one of {', '.join(FORMS)}")
+    if form != "shared_core":
+        return lowrank_params(num_experts, d, i, ranks, base=form == "delta")
     return 3 * d * i + num_experts * wrapper_params(d, i, ranks)
 
 
@@ -51,9 +62,9 @@ def dtype_bytes(dtype: str | torch.dtype | None) -> int:
 
 
 def expert_bytes(num_experts: int, hidden_size: int, intermediate_size: int, ranks: int | dict | None = None,
-                 dtype: str | torch.dtype | None = "float32") -> int:
+                 dtype: str | torch.dtype | None = "float32", form: str = "shared_core") -> int:
     """Routed-expert storage of one MoE layer in bytes: ``expert_params`` × ``dtype_bytes(dtype)``."""
-    return expert_params(num_experts, hidden_size, intermediate_size, ranks) * dtype_bytes(dtype)
+    return expert_params(num_experts, hidden_size, intermediate_size, ranks, form) * dtype_bytes(dtype)
 
 
 def _num_params(model: torch.nn.Module) -> int:
@@ -80,38 +91,53 @@ def expert_shapes(config) -> dict:
 def compression_statistics(config, tokens_per_forward: int = 8192) -> dict:
     """Original vs compressed parameter counts, active parameters, expert MACs per token and bytes.
 
-    Expert MACs per token follow ``SharedCoreExperts``' cost model: original 3·k·d·I; compressed
-    3·d·I + k·Σ_p r_p·c_p + E·d·I·Σ_p r_p / T with c_gate = c_up = c_down = d + 3I.
+    Expert MACs per token follow the experts modules' cost models (original 3·k·d·I):
+    shared core (``SharedCoreExperts``) 3·d·I + k·Σ_p r_p·c_p + E·d·I·Σ_p r_p / T with c_gate = c_up = c_down = d + 3I;
+    lowrank (``LowRankExperts``) k·Σ_p r_p·(d + I); delta 3·d·I + k·Σ_p r_p·(d + I) (no per-forward term).
+    Active parameters per token: everything but the (E − k) unvisited experts' own parameters (wrappers, or A and B).
 
     Args:
-        config: a shared-core config (with a ``shared_core`` section holding ``ranks``).
-        tokens_per_forward: T over which the once-per-forward precomputation is amortised.
+        config: a compressed config (with a ``shared_core`` section holding ``ranks`` and, optionally, ``form``).
+        tokens_per_forward: T over which the shared core's once-per-forward precomputation is amortised.
 
     Returns:
         A nested dict of plain ints/floats (YAML-ready); ratios are compressed / original.
+
+    Raises:
+        ValueError: the section's format version or form is unknown (``modeling_shared_core.checkpoint_form``).
     """
+    form = checkpoint_form(config.shared_core)
     ranks = _ranks(config.shared_core["ranks"])
     s = expert_shapes(config)
     e, k, d, i, n_layers = s["num_experts"], s["top_k"], s["hidden_size"], s["intermediate_size"], len(s["moe_layers"])
-    wrapper = wrapper_params(d, i, ranks)  # one expert's wrappers
     orig_layer = expert_params(e, d, i)
-    comp_layer = expert_params(e, d, i, ranks)
+    comp_layer = expert_params(e, d, i, ranks, form)
+    if form == "shared_core":
+        own = wrapper_params(d, i, ranks)  # one expert's wrappers
+        per_expert_macs = sum(ranks[p] * c for p, c in (("gate", d + 3 * i), ("up", d + 3 * i), ("down", 3 * i + d)))
+        per_token_macs = 3 * d * i  # the cores
+        precompute_macs = e * d * i * sum(ranks.values())  # per forward
+    else:
+        own = lowrank_params(1, d, i, ranks, base=False)  # one expert's A and B
+        per_expert_macs = own
+        per_token_macs = 3 * d * i if form == "delta" else 0  # the bases
+        precompute_macs = 0
 
     total_orig = s["total_params"]
     non_expert = total_orig - n_layers * orig_layer
     total_comp = non_expert + n_layers * comp_layer
     active_orig = total_orig - n_layers * (e - k) * expert_params(1, d, i)
-    active_comp = total_comp - n_layers * (e - k) * wrapper
+    active_comp = total_comp - n_layers * (e - k) * own
 
-    per_expert_macs = sum(ranks[p] * c for p, c in (("gate", d + 3 * i), ("up", d + 3 * i), ("down", 3 * i + d)))
     macs_orig = n_layers * 3 * k * d * i
-    macs_comp_inf = n_layers * (3 * d * i + k * per_expert_macs)
-    macs_comp = macs_comp_inf + n_layers * e * d * i * sum(ranks.values()) / tokens_per_forward
+    macs_comp_inf = n_layers * (per_token_macs + k * per_expert_macs)
+    macs_comp = macs_comp_inf + n_layers * precompute_macs / tokens_per_forward
 
     dtype = str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
     nbytes = dtype_bytes(dtype)
     return {
         "model_type": get_architecture(config.model_type).model_type,
+        "form": form,
         "ranks": ranks,
         "shape": {"moe_layers": n_layers, "num_experts": e, "top_k": k, "hidden_size": d, "intermediate_size": i},
         "expert_params": {"original": n_layers * orig_layer, "compressed": n_layers * comp_layer,
@@ -124,7 +150,7 @@ def compression_statistics(config, tokens_per_forward: int = 8192) -> dict:
                                   "tokens_per_forward": tokens_per_forward},
         "bytes": {"dtype": dtype, "original": total_orig * nbytes, "compressed": total_comp * nbytes,
                   "ratio": total_comp / total_orig, "experts_original": n_layers * expert_bytes(e, d, i, None, dtype),
-                  "experts_compressed": n_layers * expert_bytes(e, d, i, ranks, dtype)},
+                  "experts_compressed": n_layers * expert_bytes(e, d, i, ranks, dtype, form)},
     }
 
 

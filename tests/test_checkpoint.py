@@ -11,7 +11,7 @@ import transformers as T
 from safetensors.torch import load_file, save_file
 
 from conftest import FAMILIES, tiny_model
-from moe_ds import arch, modeling_shared_core, shared_core
+from moe_ds import arch, lowrank, modeling_shared_core, shared_core
 from moe_ds.checkpoint import (CheckpointError, compress_model, export_dense, load_compressed, read_tensors,
                                read_weight_map, save_compressed, validate_compressed_checkpoint)
 
@@ -71,9 +71,9 @@ def test_directory_layout_and_shipped_code_agree_with_the_package(tmp_path):
     save_compressed(model, tmp_path / "c")
     files = {p.name for p in (tmp_path / "c").iterdir()}
     assert {"config.json", "model.safetensors", "compression_statistics.yaml", "arch.py", "shared_core.py",
-            "modeling_shared_core.py"} <= files
+            "lowrank.py", "modeling_shared_core.py"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)  # never pickled
-    for module in (arch, shared_core, modeling_shared_core):
+    for module in (arch, shared_core, lowrank, modeling_shared_core):
         shipped = (tmp_path / "c" / Path(module.__file__).name).read_bytes()
         assert shipped == Path(module.__file__).read_bytes()
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
@@ -180,8 +180,8 @@ def test_missing_config_or_weights(saved, tmp_path):
 def test_trust_remote_code_rejects_unknown_format_version(saved):
     from transformers import AutoModelForCausalLM
 
-    _edit_config(saved, lambda c: c["shared_core"].update(format_version=2))
-    with pytest.raises(ValueError, match="unknown shared_core format_version 2"):
+    _edit_config(saved, lambda c: c["shared_core"].update(format_version=3))
+    with pytest.raises(ValueError, match="unknown shared_core format_version 3"):
         AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True)
 
 

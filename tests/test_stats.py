@@ -18,6 +18,7 @@ def test_qwen3_30b_a3b_by_hand(r):
     cfg = shared_core_config(T.Qwen3MoeConfig(**QWEN3_30B_A3B), {"gate": r, "up": r, "down": r})
     s = compression_statistics(cfg, tokens_per_forward=8192)
     L, E, k, d, I = 48, 128, 8, 2048, 768
+    assert s["form"] == "shared_core"
 
     # Whole model, counted by hand: embeddings + lm_head, attention with q/k norms, 2 norms, router, experts.
     attention = d * 4096 + 2 * d * 512 + 4096 * d + 2 * 128
