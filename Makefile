@@ -32,6 +32,7 @@ bench: venv
 	$(PY) bench/fit.py
 	$(PY) bench/teacher_cache.py
 	$(PY) bench/kd_loss.py
+	$(PY) bench/data_aware.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -323,8 +323,9 @@ def compress(cfg: CompressConfig) -> Path:
     if info.is_main:
         if (out / "config.json").exists() and cfg.overwrite:
             (out / "config.json").unlink()  # the directory is no longer a finished model
-        resolved = {"fingerprint": fingerprint, "rank": rank, "model_dir": str(model_dir),
-                    "world_size": info.world_size, **asdict(cfg)}
+        # The resolved rank replaces the requested one (None under --target-ratio) in place.
+        resolved = {"fingerprint": fingerprint, **asdict(cfg), "rank": rank, "model_dir": str(model_dir),
+                    "world_size": info.world_size}
         write_atomic(out / RUN_CONFIG, json.dumps(resolved, indent=2))
 
     todo = []
