@@ -3,11 +3,17 @@
 Each stage gets a fresh model, Trainer, DeepSpeed engine, optimizer and schedule, because ZeRO partitions the
 optimizer over the parameters that require gradients when the engine is built; stage i + 1 loads the
 consolidated checkpoint that ends stage i. Step numbers are global: checkpoints are ``checkpoint-<step>``.
+A stage with ``prune_to`` (progressive expert pruning) starts instead from ``<output>/pruned-<step>/``: the model
+that ended the previous stage with only the experts its routers used most during that stage (``expert_usage.json``,
+which every checkpoint holds), chosen by rank 0 (``prune_at_boundary``) and recorded in ``pruning_history.json``.
+A student whose config has ``moe_ds_sparsity`` with ``keep_masks`` keeps its pruned expert weights at exactly zero
+(``moe_ds.sparsity.MaskedGradients``).
 Every refusal happens in ``prepare``, before DeepSpeed or the weights are touched. Settings live in
 ``moe_ds.distill_config``, parameter groups in ``moe_ds.distill_params``, the Trainer in
 ``moe_ds.distill_trainer``; their public names are re-exported here.
 """
 
+import copy
 import gc
 import importlib.util
 import json
@@ -15,29 +21,36 @@ import logging
 import os
 import shutil
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from .checkpoint import (CheckpointError, is_compressed_checkpoint, load_model, read_weight_shapes,
                          validate_compressed_checkpoint)
-from .dist import barrier, dist_info, log_main, setup_logging
+from .dist import all_reduce_sum, barrier, dist_info, log_main, setup_logging
 from .distill_config import (CONFIG_FILE, DEFAULT_DEEPSPEED, DistillConfig, DistillConfigError, GroupConfig,
-                             StageConfig, check_deepspeed_config, parse_group, stage_from_groups)
+                             PruneConfigError, StageConfig, check_deepspeed_config, parse_group, stage_from_groups)
 from .distill_params import ResolvedGroup, apply_groups, log_groups, resolve_groups
 from .distill_trainer import LOG_FILE, PROBE_ENV, DistillDataset, DistillTrainer, distill_loss, training_arguments
 from .run_layout import (CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, check_output_dir, checkpoint_step,
-                         complete_checkpoints, has_training_state, write_atomic)
+                         complete_checkpoints, has_training_state, write_atomic, write_json_atomic)
+from .sparsity import USAGE_FILE, ExpertUsage, SparsityError, load_usage, read_sparsity_section
 from .teacher_cache import CacheFormatError, TeacherCacheDataset
 
-__all__ = ["CONFIG_FILE", "DEFAULT_DEEPSPEED", "LOG_FILE", "PROBE_ENV", "CheckpointWriteError", "DistillConfig",
-           "DistillConfigError", "DistillDataset", "DistillTrainer", "GroupConfig", "Prepared", "ResolvedGroup",
-           "StageConfig", "apply_groups", "check_deepspeed_config", "distill_loss", "log_groups", "parse_group",
-           "prepare", "resolve_groups", "run_distill", "stage_from_groups", "training_arguments"]
+__all__ = ["CONFIG_FILE", "DEFAULT_DEEPSPEED", "HISTORY_FILE", "LOG_FILE", "PROBE_ENV", "PRUNED_PREFIX",
+           "PRUNING_RECORD", "CheckpointWriteError", "DistillConfig", "DistillConfigError", "DistillDataset",
+           "DistillTrainer", "GroupConfig", "Prepared", "PruneConfigError", "ResolvedGroup", "StageConfig",
+           "apply_groups", "check_deepspeed_config", "distill_loss", "experts_per_stage", "log_groups", "parse_group",
+           "prepare", "prune_at_boundary", "resolve_groups", "run_distill", "stage_from_groups", "training_arguments"]
 
-# A resume must keep these: the data order and the stage boundaries are functions of them.
+# A resume must keep these: the data order and the stage boundaries are functions of them (the stages also hold
+# prune_to / prune_score, so a resume cannot change which experts a later stage keeps).
 _RESUME_KEYS = ("stages", "batch_size", "gradient_accumulation_steps", "seed", "shuffle")
+PRUNED_PREFIX = "pruned-"  # <output>/pruned-<step>/: the model a stage with prune_to starts from
+PRUNING_RECORD = "pruning.json"  # inside pruned-<step>/, written before the folder appears: what was kept and why
+HISTORY_FILE = "pruning_history.json"  # <output>/: one entry per pruning boundary, in step order
 
 
 # ----------------------------------------------------------------------------------- preflight checks
@@ -69,12 +82,17 @@ def _student_config(cfg: DistillConfig):
         raise CheckpointError(f"student {path}: cannot read its config: {e}") from e
 
 
-def _param_names(config, trust_remote_code: bool) -> list[tuple[str, int]]:
-    """(name, numel) of every parameter, from a model built on the meta device (no memory, no weights)."""
+def _param_names(config, trust_remote_code: bool, num_experts: int | None = None) -> list[tuple[str, int]]:
+    """(name, numel) of every parameter, from a model built on the meta device (no memory, no weights);
+    ``num_experts``: as if every MoE layer held that many experts (a stage after ``prune_to``)."""
     from transformers import AutoModelForCausalLM
 
+    from .arch import get_architecture
     from .modeling_shared_core import shared_core_classes
 
+    if num_experts is not None:
+        config = copy.deepcopy(config)
+        setattr(config, get_architecture(config.model_type).num_experts_key, num_experts)
     with torch.device("meta"):
         if isinstance(getattr(config, "shared_core", None), dict):
             model = shared_core_classes(config.model_type)[1](config)
@@ -95,6 +113,61 @@ def _check_positions(cfg: DistillConfig, seq_len: int, text_config) -> None:
                                  f"student's max_position_embeddings {limit} ({Path(cfg.student) / 'config.json'}): "
                                  f"positions past {limit} were never trained; rebuild the cache with --seq-len "
                                  f"{limit} or less")
+
+
+def _stage_label(cfg: DistillConfig, i: int) -> str:
+    name = cfg.stages[i].name
+    return f"stage {i + 1}" + (f" ({name})" if name else "")
+
+
+def experts_per_stage(cfg: DistillConfig, config) -> list[int] | None:
+    """The experts per MoE layer each stage trains with, after its ``prune_to``; None when no stage prunes.
+
+    A first stage with ``prune_to`` is refused: the experts are chosen from the usage the student's routers show
+    while training the stage before (``ExpertUsage``), and before the first stage there is none. Prune the
+    student beforehand (``launch/compress.py --method prune`` with a calibration) instead.
+
+    Raises:
+        PruneConfigError: prune_to on the first stage or on a student that is not a supported MoE, not below the
+            experts the stage starts with, or a count the router cannot route over (below top_k; DeepSeek-V3's
+            routing groups: ``moe_ds.expert_pruning.expert_count_problem``).
+    """
+    if all(s.prune_to is None for s in cfg.stages):
+        return None
+    from .arch import UnsupportedModelError, get_architecture
+    from .expert_pruning import expert_count_problem, routing_groups
+
+    try:
+        arch = get_architecture(config.model_type)
+    except UnsupportedModelError as e:
+        raise PruneConfigError(f"prune_to needs a MoE student of a supported family: {e}") from e
+    count, top_k = int(getattr(config, arch.num_experts_key)), int(getattr(config, arch.top_k_key))
+    counts = []
+    for i, stage in enumerate(cfg.stages):
+        if stage.prune_to is not None:
+            label = f"{_stage_label(cfg, i)}: prune_to {stage.prune_to}"
+            if i == 0:
+                raise PruneConfigError(f"{label}: the experts are chosen from the usage the routers show while "
+                                       "training the previous stage, and the first stage has none; add a stage "
+                                       "before it, or prune the student first (launch/compress.py --method prune)")
+            if stage.prune_to >= count:
+                raise PruneConfigError(f"{label} must be below the {count} experts per layer the stage starts with")
+            problem = expert_count_problem(stage.prune_to, top_k, *routing_groups(config))
+            if problem is not None:
+                raise PruneConfigError(f"{label}: {problem}")
+            count = stage.prune_to
+        counts.append(count)
+    return counts
+
+
+def _same_stages(old: list, new: list) -> bool:
+    """Stage lists equal once the old one (read from an earlier run's config file) gets today's defaults: a run
+    written before a stage setting existed resumes as long as it did not need it."""
+    try:
+        old = [asdict(StageConfig(**s)) for s in old]
+    except (TypeError, ValueError):
+        pass
+    return old == new
 
 
 @dataclass
@@ -129,6 +202,10 @@ def prepare(cfg: DistillConfig) -> Prepared:
                                  "pass --report-to none")
     check_output_dir(cfg.output)
     config = _student_config(cfg)
+    try:
+        read_sparsity_section(config)
+    except SparsityError as e:
+        raise DistillConfigError(f"student {cfg.student}: {e}") from e
     tok_path = cfg.tokenizer or cfg.student
     # The student's own config, when the tokenizer is the student's: AutoTokenizer would otherwise reread it and
     # warn that a shared-core model type is not one it knows.
@@ -142,8 +219,14 @@ def prepare(cfg: DistillConfig) -> Prepared:
         raise CacheFormatError(f"teacher cache {cfg.teacher_cache} is a folder; give the .h5 file that stage 2 wrote")
     cache = TeacherCacheDataset(cfg.teacher_cache, tokenizer=tokenizer, vocab_size=int(text_config.vocab_size))
     _check_positions(cfg, cache.meta.seq_len, text_config)
-    names = _param_names(config, cfg.trust_remote_code)
-    groups = [resolve_groups(names, s, cfg.learning_rate, cfg.weight_decay) for s in cfg.stages]
+    counts = experts_per_stage(cfg, config)
+    names = {}  # parameter names and sizes per expert count: later stages resolve against the pruned model
+    groups = []
+    for i, s in enumerate(cfg.stages):
+        n = None if counts is None else counts[i]
+        if n not in names:
+            names[n] = _param_names(config, cfg.trust_remote_code, n)
+        groups.append(resolve_groups(names[n], s, cfg.learning_rate, cfg.weight_decay))
 
     output = Path(cfg.output)
     done = complete_checkpoints(output) if output.is_dir() else []
@@ -154,7 +237,8 @@ def prepare(cfg: DistillConfig) -> Prepared:
     previous = output / CONFIG_FILE
     if done and previous.is_file():
         old, new = json.loads(previous.read_text()), cfg.to_dict()
-        changed = [k for k in _RESUME_KEYS if old.get(k) != new[k]]
+        changed = [k for k in _RESUME_KEYS if (not _same_stages(old.get(k), new[k]) if k == "stages"
+                                               else old.get(k) != new[k])]
         if changed:
             raise DistillConfigError(f"{output} was started with other {', '.join(changed)} (see {previous}); "
                                      "resume with the same settings or choose another --output")
@@ -165,17 +249,33 @@ def prepare(cfg: DistillConfig) -> Prepared:
         raise DistillConfigError(f"{done[-1]} has no optimizer/DeepSpeed state to resume from mid-stage (only the "
                                  "newest --keep-training-state checkpoints keep it); its weights can start a new run "
                                  "as --student")
+    boundary = {s: i for i, (s, _) in enumerate(cfg.stage_bounds())}
+    if done and start in boundary and cfg.stages[boundary[start]].prune_to is not None:
+        if not (output / f"{PRUNED_PREFIX}{start}" / PRUNING_RECORD).is_file() and \
+                not (done[-1] / USAGE_FILE).is_file():
+            raise PruneConfigError(f"{done[-1]} holds no {USAGE_FILE}: the experts that "
+                                   f"{_stage_label(cfg, boundary[start])} keeps cannot be chosen")
     return Prepared(ds_cfg, tokenizer, cache, groups, start, done[-1] if done else None)
 
 
 # ------------------------------------------------------------------------------------------- running
 
 def _clean_after(output: Path, step: int) -> None:
-    """Drop what a stopped run left past ``step``: incomplete checkpoint folders and later log lines."""
+    """Drop what a stopped run left past ``step``: incomplete checkpoint folders, pruned models and pruning history
+    of later boundaries, half-written pruned models, and later log lines."""
     for p in output.glob(f"{CHECKPOINT_PREFIX}*"):
         s = checkpoint_step(p)
         if s is not None and s > step and not (p / CHECKPOINT_COMPLETE).is_file():
             shutil.rmtree(p, ignore_errors=True)
+    for p in output.glob(f"{PRUNED_PREFIX}*"):
+        s = p.name[len(PRUNED_PREFIX):]
+        if p.is_dir() and s.isdigit() and int(s) > step:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in output.glob(f".{PRUNED_PREFIX}*"):  # a pruned model being written when the run stopped
+        shutil.rmtree(p, ignore_errors=True)
+    history = output / HISTORY_FILE
+    if history.is_file():
+        write_json_atomic(history, [h for h in json.loads(history.read_text()) if h["step"] <= step])
     log = output / LOG_FILE
     if log.is_file():
         keep = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
@@ -191,6 +291,99 @@ def _load_student(path: str | Path, cfg: DistillConfig):
         return load_model(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise CheckpointError(f"cannot load the student from {path}: {e}") from e
+
+
+def prune_at_boundary(cfg: DistillConfig, stage_index: int, step: int, source: str | Path) -> Path:
+    """Progressive expert pruning at the start of a stage with ``prune_to`` (call on every rank).
+
+    Rank 0 scores each MoE layer's experts from ``source/expert_usage.json`` (the usage the student's routers showed
+    while training the previous stage, all ranks summed; ``prune_score`` "frequency": tokens routed, "router_weight":
+    routing weight, both per token of the layer, ``moe_ds.expert_pruning.expert_scores``), keeps the ``prune_to``
+    best of every layer (``choose_experts``; ties: the lower id), writes the model with only those experts
+    (``select_experts_on_disk``) to ``<output>/pruned-<step>/`` with ``pruning.json`` inside, and records the same
+    entry in ``<output>/pruning_history.json``: {step, stage, before, after, score, kept ids and scores per layer}.
+    A ``pruned-<step>/`` that is already complete (a resumed run) is reused as it is.
+
+    Returns:
+        ``<output>/pruned-<step>``, once it is complete (after a barrier).
+
+    Raises:
+        PruneConfigError: (every rank) rank 0 could not prune: no or unreadable usage, or a selection the router
+            cannot use; rank 0 raises the reason.
+    """
+    from .expert_pruning import choose_experts, expert_scores, routing_groups, select_experts_on_disk
+
+    output, stage = Path(cfg.output), cfg.stages[stage_index]
+    dst = output / f"{PRUNED_PREFIX}{step}"
+    error = None
+    if dist_info().is_main:
+        try:
+            if not (dst / PRUNING_RECORD).is_file():
+                source = Path(source)
+                usage = load_usage(source / USAGE_FILE)
+                layers = {layer: {"tokens": usage["tokens"][layer],
+                                  "router_weight_sum": usage["router_weight_sum"][layer]} for layer in usage["layers"]}
+                scores = {layer: expert_scores(sums, stage.prune_score, top_k=usage["top_k"])
+                          for layer, sums in layers.items()}
+                raw = json.loads((source / "config.json").read_text())
+                n_group, topk_group = routing_groups(SimpleNamespace(**raw))
+                kept = choose_experts(scores, num_keep=stage.prune_to, top_k=usage["top_k"], n_group=n_group,
+                                      topk_group=topk_group)
+                record = {"step": step, "stage": stage_index + 1, "stage_name": stage.name, "source": str(source),
+                          "usage_steps": [usage.get("since_step"), usage.get("step")], "score": stage.prune_score,
+                          "before": usage["num_experts"], "after": stage.prune_to,
+                          "kept": {str(layer): ids.tolist() for layer, ids in kept.items()},
+                          "scores": {str(layer): sc.tolist() for layer, sc in scores.items()},
+                          "tokens": {str(layer): sums["tokens"].tolist() for layer, sums in layers.items()}}
+                partial = output / f".{PRUNED_PREFIX}{step}.partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                select_experts_on_disk(source, partial, kept,
+                                       statistics={"progressive_pruning": {k: record[k] for k in
+                                                                           ("step", "stage", "score", "before",
+                                                                            "after")}})
+                write_json_atomic(partial / PRUNING_RECORD, record)
+                shutil.rmtree(dst, ignore_errors=True)  # a folder without the record is not ours to trust
+                os.replace(partial, dst)
+            record = json.loads((dst / PRUNING_RECORD).read_text())
+            history_file = output / HISTORY_FILE
+            history = json.loads(history_file.read_text()) if history_file.is_file() else []
+            history = sorted([h for h in history if h["step"] != step] + [record], key=lambda h: h["step"])
+            write_json_atomic(history_file, history)
+            log_main("%s: pruned %d -> %d experts per MoE layer by %s, from the usage of steps %s..%s in %s; "
+                     "model %s", _stage_label(cfg, stage_index), record["before"], record["after"], record["score"],
+                     (record["usage_steps"][0] or 0) + 1, record["usage_steps"][1], record["source"], dst)
+            for layer, ids in record["kept"].items():
+                log_main("  layer %s keeps experts %s", layer, ids)
+        except (ValueError, OSError) as e:  # SparsityError, ExpertPruningError, CheckpointError, a broken file
+            error = e
+    failed = float(all_reduce_sum(torch.tensor([0.0 if error is None else 1.0]))[0])
+    if error is not None:
+        raise PruneConfigError(f"{_stage_label(cfg, stage_index)}: cannot prune to {stage.prune_to} experts: "
+                               f"{error}") from error
+    if failed:
+        raise PruneConfigError(f"{_stage_label(cfg, stage_index)}: rank 0 could not prune the experts (its error "
+                               "says why)")
+    barrier()
+    return dst
+
+
+def _expert_usage(model, resume: Path | None, stage_start: int) -> ExpertUsage | None:
+    """Router usage counters for a MoE student (None for any other model); a mid-stage resume continues the counts
+    saved in the checkpoint it resumes from, so the stage's usage equals an uninterrupted run's."""
+    from .arch import UnsupportedModelError
+
+    base = None
+    if resume is not None:
+        saved = resume / USAGE_FILE
+        base = load_usage(saved) if saved.is_file() else None
+        if base is None or base.get("since_step") != stage_start:
+            log_main("%s holds no expert usage of this stage: its usage counts from step %s on", resume,
+                     checkpoint_step(resume))
+            base = None
+    try:
+        return ExpertUsage(model, base=base)
+    except UnsupportedModelError:
+        return None
 
 
 class CheckpointWriteError(RuntimeError):
@@ -271,10 +464,14 @@ def run_distill(cfg: DistillConfig) -> Path | None:
         start, end = bounds[i]
         resume = last if (last is not None and step > start) else None  # mid-stage: DeepSpeed state too
         source = last if last is not None else cfg.student
+        if cfg.stages[i].prune_to is not None and resume is None:  # at the boundary (a mid-stage resume is pruned)
+            source = prune_at_boundary(cfg, i, start, source)
         log_main("stage %d/%d: steps %d..%d, model from %s%s", i + 1, len(cfg.stages), start + 1, end, source,
                  ", resuming optimizer and data position" if resume is not None else "")
         model = _load_student(source, cfg)
         model.config.use_cache = False
+        sparsity = read_sparsity_section(model.config)
+        usage = _expert_usage(model, resume, start)
         log_groups(i, cfg.stages[i], prep.groups[i])
         if any(g.frozen for g in prep.groups[i]):
             # ZeRO-3 re-gathers a module's parameters before its backward through hooks on tensors that require
@@ -287,7 +484,9 @@ def run_distill(cfg: DistillConfig) -> Path | None:
                                  offset=start * global_batch)
         trainer = DistillTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
                                  processing_class=prep.tokenizer, distill_cfg=cfg, stage_index=i,
-                                 groups=prep.groups[i], ds_cfg=prep.ds_cfg)
+                                 groups=prep.groups[i], ds_cfg=prep.ds_cfg,
+                                 sparsity=sparsity if sparsity is not None and sparsity["keep_masks"] else None,
+                                 usage=usage)
         try:
             trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         except BaseException as e:
@@ -299,6 +498,7 @@ def run_distill(cfg: DistillConfig) -> Path | None:
                                            "with --resume") from e
             raise
         step, last = end, output / f"{CHECKPOINT_PREFIX}{end}"
+        trainer.remove_hooks()
         engine = getattr(trainer, "model_wrapped", None)
         if hasattr(engine, "destroy"):  # drop ZeRO-3 hooks and buffers before the next stage's engine
             engine.destroy()

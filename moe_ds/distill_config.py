@@ -23,6 +23,13 @@ class DistillConfigError(ConfigError):
     """A distillation setting, stage list, parameter group or DeepSpeed config is unusable."""
 
 
+class PruneConfigError(DistillConfigError):
+    """A stage's ``prune_to``/``prune_score`` cannot be applied (bad value, no usage yet, too few or many experts)."""
+
+
+PRUNE_SCORES = ("frequency", "router_weight")  # StageConfig.prune_score: tokens routed, or routing weight summed
+
+
 def training_arg(default, name: str | None = None):
     """A ``DistillConfig`` field passed to ``TrainingArguments`` as ``name`` (default: the field's own name)."""
     return field(default=default, metadata={_TRAINING_ARG: name})
@@ -52,6 +59,8 @@ class StageConfig:
     default_lr_mult: float = 1.0  # multiplier of parameters no pattern matches (0: frozen)
     warmup_ratio: float | None = None  # share of this stage's steps spent warming up; None: the run's
     name: str = ""  # shown in logs
+    prune_to: int | None = None  # keep this many experts per MoE layer from this stage on (chosen at its start)
+    prune_score: str = "frequency"  # what ranks experts for prune_to: "frequency" (tokens) or "router_weight"
 
     def __post_init__(self):
         self.groups = [_nested(GroupConfig, g, "group") for g in self.groups]
@@ -63,6 +72,13 @@ class StageConfig:
             raise DistillConfigError(f"stage {self.name!r}: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.default_lr_mult == 0 and all(g.lr_mult == 0 for g in self.groups):
             raise DistillConfigError(f"stage {self.name!r} freezes every parameter (all multipliers are 0)")
+        if self.prune_to is not None and (isinstance(self.prune_to, bool) or not isinstance(self.prune_to, int)
+                                          or self.prune_to < 1):
+            raise PruneConfigError(f"stage {self.name!r}: prune_to must be an integer >= 1 (experts kept per layer), "
+                                   f"got {self.prune_to!r}")
+        if self.prune_score not in PRUNE_SCORES:
+            raise PruneConfigError(f"stage {self.name!r}: prune_score must be one of {PRUNE_SCORES}, got "
+                                   f"{self.prune_score!r}")
 
 
 def parse_group(text: str) -> GroupConfig:

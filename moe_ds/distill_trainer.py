@@ -6,6 +6,7 @@ the batches of an uninterrupted one) and logs CE, KL, the scheduled rate and glo
 is completed in the compressed format and marked ``CHECKPOINT_COMPLETE`` last, after a barrier.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -19,7 +20,8 @@ from .dist import all_reduce_sum, barrier, disable_deepspeed_shm_op, dist_info, 
 from .distill_config import DistillConfig, offloads_optimizer
 from .distill_params import ResolvedGroup, apply_groups
 from .kd_loss import KDLoss, chunked_kd_loss
-from .run_layout import CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, prune_training_state, write_atomic
+from .run_layout import CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, prune_training_state, write_atomic, write_json_atomic
+from .sparsity import USAGE_FILE, ExpertUsage, MaskedGradients, dense_expert_parameters
 from .teacher_cache import TeacherCacheDataset
 
 LOG_FILE = "train_log.jsonl"  # one JSON object per logging step, in the output directory
@@ -85,13 +87,24 @@ class DistillTrainer(Trainer):
     """The Trainer for one stage: KD loss, the stage's parameter groups and schedule, fixed data order."""
 
     def __init__(self, *, distill_cfg: DistillConfig, stage_index: int, groups: list[ResolvedGroup],
-                 ds_cfg: dict | None = None, **kwargs):
-        """``kwargs`` go to ``Trainer``; the stage's checkpoint and log callbacks are added to its ``callbacks``."""
+                 ds_cfg: dict | None = None, sparsity: dict | None = None, usage: ExpertUsage | None = None,
+                 **kwargs):
+        """``kwargs`` go to ``Trainer``; the stage's checkpoint and log callbacks are added to its ``callbacks``.
+
+        Args:
+            sparsity: the student's ``moe_ds_sparsity`` section when its pruned expert weights must stay zero
+                (``keep_masks``): their gradients are masked (``moe_ds.sparsity.MaskedGradients``) and the number
+                held at zero is logged as ``zeros_held``.
+            usage: router usage counters (``moe_ds.sparsity.ExpertUsage``) fed by the training forwards and saved
+                as ``expert_usage.json`` in every checkpoint.
+        """
         start, end = distill_cfg.stage_bounds()[stage_index]
-        callbacks = [*(kwargs.pop("callbacks", None) or []), CheckpointCallback(end, stage_index, distill_cfg.keep_training_state),
+        callbacks = [*(kwargs.pop("callbacks", None) or []),
+                     CheckpointCallback(end, stage_index, distill_cfg.keep_training_state, usage, start),
                      JsonlLogCallback()]
         super().__init__(callbacks=callbacks, **kwargs)
         self.distill_cfg, self.stage_index, self.groups, self.ds_cfg = distill_cfg, stage_index, groups, ds_cfg
+        self.sparsity, self.usage, self.masks = sparsity, usage, None
         self.stage, self.stage_start = distill_cfg.stages[stage_index], start
         self._kd_sums = torch.zeros(3, dtype=torch.float64)  # ce sum, kl sum, micro-batches since the last log
         self._tokens = 0
@@ -99,7 +112,10 @@ class DistillTrainer(Trainer):
 
     # -- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        r, outputs = distill_loss(model, inputs, self.distill_cfg)
+        # Usage counts the training forward only: not gradient checkpointing's recomputation in the backward.
+        counting = self.usage.counting() if self.usage is not None and model.training else contextlib.nullcontext()
+        with counting:
+            r, outputs = distill_loss(model, inputs, self.distill_cfg)
         if model.training:
             self._kd_sums += torch.tensor([float(r.ce), float(r.kl), 1.0], dtype=torch.float64)
             self._tokens += inputs["input_ids"].numel()
@@ -124,6 +140,18 @@ class DistillTrainer(Trainer):
             else:
                 self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, betas=betas,
                                                    eps=self.args.adam_epsilon)
+            if self.sparsity is not None and self.masks is None:
+                # After apply_groups: only parameters that require grad take hooks (frozen ones cannot move).
+                dense = dense_expert_parameters(self.model)
+                if dense:
+                    self.masks = MaskedGradients(dense)
+                    zeros, total = self.masks.zeros()
+                    log_main("holding %d of %d expert weights (%.2f%%) at zero: their gradients are masked "
+                             "(moe_ds_sparsity: %s, density %.4g)", zeros, total, 100 * zeros / max(total, 1),
+                             self.sparsity["method"], self.sparsity["density"])
+                else:
+                    log_main("moe_ds_sparsity is set but the student holds no dense expert weights (%s): nothing "
+                             "is masked", self.model.config.model_type)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -169,18 +197,30 @@ class DistillTrainer(Trainer):
                 factor = float(logs["learning_rate"]) / trained[0].lr
                 logs["lr"] = factor * self.distill_cfg.learning_rate
             logs["stage"] = self.stage_index + 1
+            if self.masks is not None:
+                logs["zeros_held"] = self.masks.zeros()[0]
             self._kd_sums.zero_()
             self._tokens, self._last_log_time = 0, now
         super().log(logs, start_time)
 
 
-class CheckpointCallback(TrainerCallback):
-    """Saves at the end of the stage; completes every checkpoint folder and marks it complete, last; then drops the
-    optimizer/DeepSpeed state of all but the newest ``keep_training_state`` complete checkpoints (at Qwen3-30B-A3B
-    scale that state is ~80 GB per checkpoint; the evaluator reads only the weights)."""
+    def remove_hooks(self) -> None:
+        """Drop the gradient masks and usage hooks from the model (the stage is over)."""
+        for hooks in (self.masks, self.usage):
+            if hooks is not None:
+                hooks.remove()
 
-    def __init__(self, stage_end: int, stage_index: int, keep_training_state: int | None = 1):
+
+class CheckpointCallback(TrainerCallback):
+    """Saves at the end of the stage; completes every checkpoint folder (and writes the routers' usage since the
+    stage started, ``expert_usage.json``) and marks it complete, last; then drops the optimizer/DeepSpeed state of
+    all but the newest ``keep_training_state`` complete checkpoints (at Qwen3-30B-A3B scale that state is ~80 GB per
+    checkpoint; the evaluator reads only the weights)."""
+
+    def __init__(self, stage_end: int, stage_index: int, keep_training_state: int | None = 1,
+                 usage: ExpertUsage | None = None, stage_start: int = 0):
         self.stage_end, self.stage_index, self.keep = stage_end, stage_index, keep_training_state
+        self.usage, self.stage_start = usage, stage_start
 
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == self.stage_end:
@@ -189,8 +229,13 @@ class CheckpointCallback(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kw):
         ckpt = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        totals = self.usage.totals() if self.usage is not None else None  # every rank: one all-reduce
         barrier()  # every rank's DeepSpeed shards are on disk
         if dist_info().is_main:
+            if totals is not None:
+                write_json_atomic(ckpt / USAGE_FILE, self.usage.to_dict(totals, step=state.global_step,
+                                                                        stage=self.stage_index + 1,
+                                                                        since_step=self.stage_start))
             # The Trainer wrote model.safetensors + config.json (rank 0) and the tokenizer; a shared-core
             # student also needs its modeling files (trust_remote_code) and statistics, like save_compressed.
             finish_checkpoint(ckpt, model.config)
@@ -216,6 +261,8 @@ class JsonlLogCallback(TrainerCallback):
                    "ce": logs.get("ce"), "kl": logs.get("kl"), "lr": logs.get("lr", logs.get("learning_rate")),
                    "grad_norm": logs.get("grad_norm"), "tokens_per_s": logs.get("tokens_per_s"),
                    "time": round(time.time(), 3)}
+            if "zeros_held" in logs:
+                row["zeros_held"] = logs["zeros_held"]
             with open(Path(args.output_dir) / LOG_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")
         return control

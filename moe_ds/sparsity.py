@@ -41,6 +41,7 @@ SPARSITY_METHODS = ("magnitude",)
 USAGE_FILE = "expert_usage.json"  # in every distillation checkpoint: usage since its stage started
 USAGE_FORMAT_VERSION = 1
 USAGE_SCORES = {"frequency": "tokens", "router_weight": "router_weight_sum"}  # prune_score -> usage tensor
+DENSE_EXPERT_WEIGHTS = (".gate_up_proj", ".down_proj")  # the fused experts' weights (transformers >= 5)
 _CHUNK = 1 << 24  # elements compared per step of a gradient mask (bounds its temporary boolean to 16 MB)
 
 
@@ -265,6 +266,14 @@ def expert_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parame
             for p_name, p in model.get_submodule(name).named_parameters()]
 
 
+def dense_expert_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The stock fused expert weights (``gate_up_proj``, ``down_proj``) among ``expert_parameters``: what magnitude
+    pruning zeroes and ``MaskedGradients`` holds. A shared-core or low-rank student has none (its zeros, e.g. the
+    U = 0 start of its wrappers, are not pruned weights and must train).
+    """
+    return [(n, p) for n, p in expert_parameters(model) if n.endswith(DENSE_EXPERT_WEIGHTS)]
+
+
 def _local_values(p: torch.Tensor) -> torch.Tensor | None:
     """The flat elements of ``p`` this rank accounts for: its ZeRO-3 partition without the padding of the last
     one; the whole tensor on rank 0 when not partitioned (every rank holds it); None on the other ranks."""
@@ -449,6 +458,7 @@ def load_usage(path: str | Path) -> dict:
 
 
 __all__ = ["SPARSITY_FORMAT", "SPARSITY_KEY", "USAGE_FILE", "USAGE_SCORES", "ExpertUsage",
-           "MaskedGradients", "SparsityError", "count_zeros", "density_for_byte_ratio", "expert_parameters",
+           "MaskedGradients", "SparsityError", "count_zeros", "dense_expert_parameters", "density_for_byte_ratio",
+           "expert_parameters",
            "expert_projections", "load_usage", "magnitude_masks", "nnz_for_bytes", "prune_experts_by_magnitude",
            "read_sparsity_section", "sparse_bytes", "sparsity_section"]

@@ -140,6 +140,17 @@ def test_masked_gradients_hold_the_zeros_and_the_rest_moves():
     assert moved > 0.99 * total  # without the masks the pruned weights come back
 
 
+def test_only_dense_expert_weights_are_masked():
+    from moe_ds.checkpoint import compress_model
+    from moe_ds.sparsity import dense_expert_parameters
+
+    stock = tiny_model("qwen3_moe")
+    assert [n.rsplit(".", 1)[1] for n, _ in dense_expert_parameters(stock)] == ["gate_up_proj", "down_proj"] * 2
+    # a shared-core student's zeros (its U = 0 wrapper start) are not pruned weights: nothing of it is masked
+    shared = compress_model(stock, {"gate": 2, "up": 2, "down": 2})
+    assert dense_expert_parameters(shared) == [] and len(expert_parameters(shared)) == 2 * 15
+
+
 def test_a_mask_hook_refuses_a_partitioned_weight():
     p = torch.nn.Parameter(torch.zeros(2, 3))
     masks = MaskedGradients([("w", p)])
