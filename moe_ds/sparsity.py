@@ -12,8 +12,8 @@ Storage is counted as a bitmap format: the nnz kept values in the weight dtype p
 llm-compressor/vLLM), which packs the bitmap row by row and adds one int64 row offset per row: at
 d_in = 768, bf16, that is 8 / (768 · 2) ≈ 0.5 % of the dense bytes more than counted here.
 
-During distillation (``MaskedGradients``) a pruned weight stays exactly 0: each expert parameter's gradient is
-multiplied by (w != 0) in a tensor hook, so Adam's moments stay 0 there, the update m̂/(√v̂ + ε) is 0 and the
+During distillation (``MaskedGradients``) a pruned weight stays exactly 0: the gradient of each dense expert weight
+(``gate_up_proj``, ``down_proj``) is multiplied by (w != 0) in a tensor hook, so Adam's moments stay 0 there, the update m̂/(√v̂ + ε) is 0 and the
 decoupled weight decay w·(1 − lr·λ) keeps 0 at 0. The mask is the weights' own zero pattern, read from the
 parameter while the hook runs: no mask is stored (a boolean mask of Qwen3-30B-A3B's 28.99 B expert weights would
 take 29 GB per rank). Under ZeRO-3 the hook runs inside the experts module's backward, while DeepSpeed holds the

@@ -189,6 +189,20 @@ def test_usage_counts_equal_a_hand_count_and_only_training_forwards_count(tmp_pa
         load_usage(tmp_path / "bad.json")
 
 
+def test_usage_hooks_read_every_family_s_router(family):
+    model = tiny_model(family)
+    usage = ExpertUsage(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    with usage.counting(), torch.no_grad():
+        model(input_ids=ids)
+    totals = usage.totals()
+    k = model.config.num_experts_per_tok
+    assert totals.shape == (len(usage.layers), 2, usage.num_experts)
+    assert torch.all(totals[:, 0].sum(-1) == ids.numel() * k)  # every token routed to k experts, in every layer
+    assert torch.all(totals[:, 1] >= 0) and torch.all((totals[:, 1] > 0) == (totals[:, 0] > 0))
+    usage.remove()
+
+
 # ------------------------------------------------------------------------------------------ the boundary
 
 def test_the_boundary_keeps_the_most_used_experts_and_is_reused(run_root, tiny_lm_dir, tmp_path):
