@@ -155,7 +155,8 @@ def test_launcher_reports_bad_input_in_one_line_with_exit_code_2(tmp_path):
 def test_launcher_help_shows_the_config_field_comments():
     out = run_compress("--help")
     assert "--target-ratio" in out.stdout and "{mean,svd}" in out.stdout
-    assert "pick the largest r whose expert-parameter ratio is <=" in " ".join(out.stdout.split())
+    assert "expert-storage bytes / the original's: picks the rank" in " ".join(out.stdout.split())
+    assert "--method" in out.stdout and "prune,shared_core" in " ".join(out.stdout.split())
 
 
 def test_high_rank_svd_fit_reproduces_the_teachers_logits(teacher_dir, tmp_path):
