@@ -52,35 +52,6 @@ def lowrank_params(num_experts: int, hidden_size: int, intermediate_size: int, r
     return num_experts * sum(r.values()) * (d + i) + (3 * d * i if base else 0)
 
 
-def rank_for_lowrank_ratio(ratio: float, num_experts: int, hidden_size: int, intermediate_size: int,
-                           base: bool) -> int:
-    """The largest rank r (the same for gate, up and down) whose ``lowrank_params`` fit in ratio · E·3·d·I.
-
-    Capped at min(d, I), the full rank.
-
-    Raises:
-        LowRankError: ratio <= 0; or the budget holds not even rank 1 ("lowrank": its rank-0 experts are zero) or
-            not even the bases ("delta": rank 0 alone costs 1/E of the dense experts); the message gives the
-            smallest ratio that works.
-    """
-    if not ratio > 0:
-        raise LowRankError(f"target ratio must be > 0, got {ratio}")
-    e, d, i = num_experts, hidden_size, intermediate_size
-    budget = ratio * e * 3 * d * i
-    smallest = 0 if base else 1
-    if lowrank_params(e, d, i, smallest, base) > budget:
-        need = lowrank_params(e, d, i, smallest, base) / (e * 3 * d * i)
-        form = "delta (the shared bases alone)" if base else "lowrank at rank 1"
-        raise LowRankError(f"target ratio {ratio} is below what {form} needs: {need:.6g} of the dense experts "
-                           f"(E={e}, d={d}, I={i})")
-    r = min(int((budget - lowrank_params(e, d, i, 0, base)) // (e * 3 * (d + i))), min(d, i))
-    while r < min(d, i) and lowrank_params(e, d, i, r + 1, base) <= budget:  # float rounding of the division
-        r += 1
-    while lowrank_params(e, d, i, r, base) > budget:
-        r -= 1
-    return r
-
-
 class LowRankExperts(nn.Module):
     """A layer's E SwiGLU experts as per-expert low-rank factors, optionally around a shared base.
 

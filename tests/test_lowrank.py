@@ -16,8 +16,13 @@ from moe_ds.checkpoint import (CheckpointError, compress_model, export_dense, lo
                                shared_core_config, to_dense_model, validate_compressed_checkpoint)
 from moe_ds.fit import (eckart_young_error, experts_output, output_error, relative_error, weighted_core,
                         whitening)
-from moe_ds.lowrank import (LowRankError, LowRankExperts, fit_lowrank, lowrank_params,
-                            rank_for_lowrank_ratio)
+from moe_ds.budget import BudgetError, ExpertPlan, rank_for_budget
+from moe_ds.lowrank import LowRankError, LowRankExperts, fit_lowrank, lowrank_params
+
+
+def rank_for_lowrank_ratio(ratio, e, d, i, base):
+    """budget.rank_for_budget, the one rank rule, for the low-rank forms (bytes of one value: parameters)."""
+    return rank_for_budget(ratio, ExpertPlan(e, d, i, e, "delta" if base else "lowrank", value_bytes=1))
 from moe_ds.modeling_shared_core import find_experts, replace_experts
 from moe_ds.stats import compression_statistics, expert_params
 
@@ -142,12 +147,10 @@ def test_parameter_formula_and_the_rank_for_a_ratio():
     assert rank_for_lowrank_ratio(0.237, 128, 2048, 768, True) == 128
     assert rank_for_lowrank_ratio(1 / 128, 128, 2048, 768, True) == 0  # the bases alone: exactly 1/E
     assert rank_for_lowrank_ratio(5.0, 6, 32, 24, False) == 24  # capped at full rank
-    with pytest.raises(LowRankError, match="delta .the shared bases alone. needs: 0.0078125"):
+    with pytest.raises(BudgetError, match="below the base's own share 0.0078"):
         rank_for_lowrank_ratio(0.007, 128, 2048, 768, True)
-    with pytest.raises(LowRankError, match="lowrank at rank 1"):
+    with pytest.raises(BudgetError, match="smallest lowrank: rank 1"):
         rank_for_lowrank_ratio(0.001, 128, 2048, 768, False)
-    with pytest.raises(LowRankError, match="must be > 0"):
-        rank_for_lowrank_ratio(0.0, 128, 2048, 768, False)
 
 
 @pytest.mark.parametrize("form, r", [("lowrank", 132), ("delta", 128)])
