@@ -33,6 +33,7 @@ bench: venv
 	$(PY) bench/teacher_cache.py
 	$(PY) bench/kd_loss.py
 	$(PY) bench/data_aware.py
+	$(PY) bench/methods.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,11 +1,15 @@
-"""Stage 1: zero-shot shared-core compression, one slice of MoE layers per DeepSpeed rank.
+"""Stage 1: zero-shot compression of the experts, one slice of MoE layers per DeepSpeed rank.
 
     deepspeed --include localhost:0,1,2,3,4,5,6,7 launch/compress.py --model Qwen/Qwen3-30B-A3B \\
         --output runs/qwen3/compressed --rank 64 --init svd
+    deepspeed --include localhost:0,1,2,3,4,5,6,7 launch/compress.py --model Qwen/Qwen3-30B-A3B \\
+        --output runs/qwen3/pruned --method prune --target-ratio 0.5 --calibration runs/qwen3/calibration
     LOCAL_SIZE=2 OMP_NUM_THREADS=1 deepspeed --include localhost:0,1 launch/compress.py \\
         --model runs/toy/teacher --output runs/toy/compressed --target-ratio 0.28      # CPU
     python launch/compress.py --model runs/toy/teacher --output runs/toy/compressed --rank 8   # one process
 
+--method shared_core (default), lowrank, delta, merge, prune or magnitude, or a structural step first
+(prune,shared_core --num-experts 64 --rank 32 --calibration CAL); --target-ratio counts expert-storage bytes for every method.
 (DeepSpeed's launcher rejects the range form localhost:0-7; list the GPUs or use --num_gpus 8.)
 Rerunning the same command resumes: layers already fitted are skipped.
 """

@@ -88,3 +88,24 @@ def test_data_aware_benchmark_runs_the_launchers_and_prints_its_table(tiny_lm_di
     # compress_config.json records the rank --target-ratio resolved to (it wrote null before)
     run_config = json.loads((tmp_path / "work" / "r0.5_weight_full" / "compress_config.json").read_text())
     assert run_config["rank"] == int(rows[0][1]) and run_config["target_ratio"] == 0.5, run_config
+
+
+@pytest.mark.slow
+def test_methods_benchmark_runs_every_kind_of_method_and_stays_within_the_budget(tiny_lm_dir, stdlib_text, tmp_path):
+    """bench/methods.py on a tiny random MoE with 1 rank: a factorised, a structural and a sparse method, one budget."""
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": stdlib_text[i:i + 4000]}) + "\n" for i in range(0, 80_000, 4000)))
+    args = ["--teacher", str(tiny_lm_dir), "--calibration-data", str(text), "--heldout", str(text), "--ratios", "0.5",
+            "--methods", "lowrank", "prune", "magnitude", "--num-sequences", "4", "--seq-len", "32",
+            "--heldout-tokens", "32", "--eval-windows", "4", "--nproc", "1", "--workdir", str(tmp_path / "work")]
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "methods.py"), *args], check=False,
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    for text in HEADER + ["| target | method (objective) | setting | expert bytes |", "Best zero-shot method per budget"]:
+        assert text in out.stdout, (text, out.stdout)
+    rows = {line.split("|")[2].strip(): line.split("|")[3:-1] for line in out.stdout.splitlines()
+            if line.startswith("| 0.5 |")}
+    assert set(rows) == {"lowrank (weight)", "lowrank (activation)", "prune", "magnitude"}, out.stdout
+    for name, (setting, ratio, ppl, *_) in rows.items():  # within the budget, a finite perplexity
+        assert 0 < float(ratio) <= 0.5 and 1 < float(ppl) < 1e6, (name, ratio, ppl)
+    assert rows["prune"][0].strip() == "3 of 6 experts" and rows["magnitude"][0].startswith(" density 0.4"), rows
