@@ -122,18 +122,25 @@ def kept_experts_for_ratio(ratio: float, num_experts: int, top_k: int) -> int:
 
 
 def rank_for_budget(ratio: float, plan: ExpertPlan) -> int:
-    """The largest rank r ∈ [0, min(d, I)] whose layer stays within ratio · original bytes (``plan.rank`` ignored).
+    """The largest rank r ∈ [r_min, min(d, I)] whose layer stays within ratio · original bytes (``plan.rank``
+    ignored). r_min is 0 for the shared core and delta (the cores or the base alone) and 1 for lowrank, whose rank 0
+    would store no experts at all.
 
     Raises:
-        BudgetError: even rank 0 exceeds the budget (the shared core or base alone is too big).
+        BudgetError: even r_min exceeds the budget (the shared core or base alone is too big; lowrank's rank 1).
     """
     limit = ratio * plan.original_bytes()
     cost = lambda r: ExpertPlan(**{**plan.__dict__, "rank": r}).bytes()  # noqa: E731 (grows with r)
-    if cost(0) > limit + 1e-9:
+    lowest = 1 if plan.weight_step == "lowrank" else 0
+    if cost(lowest) > limit + 1e-9:
+        share = cost(lowest) / plan.original_bytes()
+        kept = f" with {plan.kept_experts} of {plan.num_experts} experts" if plan.kept_experts != plan.num_experts else ""
+        if plan.weight_step == "lowrank":
+            raise BudgetError(f"target ratio {ratio} is below the smallest lowrank{kept}: rank 1 stores {share:.4f} "
+                              f"of the original expert bytes (rank 0 would store no experts at all)")
         what = {"shared_core": "the cores' own share", "delta": "the base's own share"}.get(
             plan.weight_step, f"what {plan.weight_step} stores at rank 0")
-        kept = f" with {plan.kept_experts} of {plan.num_experts} experts" if plan.kept_experts != plan.num_experts else ""
-        raise BudgetError(f"target ratio {ratio} is below {what}{kept} {cost(0) / plan.original_bytes():.4f}")
+        raise BudgetError(f"target ratio {ratio} is below {what}{kept} {share:.4f}")
     ranks = range(min(plan.hidden_size, plan.intermediate_size) + 1)
     return bisect.bisect_right(ranks, limit + 1e-9, key=cost) - 1
 

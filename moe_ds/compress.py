@@ -144,6 +144,9 @@ class CompressConfig:
             raise CompressError(f"method {self.method!r} does not take {', '.join(extra)}")
         if self.rank is not None and self.rank < 0:
             raise CompressError(f"rank must be >= 0, got {self.rank}")
+        if self.rank == 0 and weight == "lowrank":
+            raise CompressError(f"method {self.method!r} at rank 0 stores no experts at all (every expert would "
+                                f"output zero); give --rank >= 1")
         if self.target_ratio is not None and not 0 < self.target_ratio <= 1:
             raise CompressError(f"target_ratio must be in (0, 1], got {self.target_ratio}")
         if self.num_experts is not None and self.num_experts < 1:
