@@ -674,7 +674,8 @@ def select_experts_on_disk(src_dir: str | Path, dst_dir: str | Path, kept: Mappi
 
     Works on stock checkpoints (per-expert keys ``experts.N.`` renumbered; fused ``gate_up_proj``/``down_proj``
     index-selected) and on shared-core checkpoints (``config.shared_core``: every ``{p}_u_in``, ``{p}_v_in``,
-    ``{p}_u_out``, ``{p}_v_out`` [E, ...] index-selected, the cores ``{p}_core`` kept), plus the router rows
+    ``{p}_u_out``, ``{p}_v_out`` [E, ...] and the low-rank forms' ``{p}_a``, ``{p}_b`` index-selected, the cores
+    ``{p}_core`` and delta's bases ``{p}_base`` kept), plus the router rows
     (``gate.weight`` [E, d], DeepSeek-V3's ``e_score_correction_bias`` [E]). The config's expert count
     (``arch.num_experts_key``) becomes E'; everything else is copied as stored, one decoder layer in memory at a
     time, into a folder that appears atomically. The result loads with ``moe_ds.checkpoint.load_model`` (a
@@ -732,7 +733,7 @@ def select_experts_on_disk(src_dir: str | Path, dst_dir: str | Path, kept: Mappi
                     if int(m.group(1)) in renumber:
                         out[re.sub(rf"\.{arch.experts}\.{m.group(1)}\.", f".{arch.experts}.{renumber[int(m.group(1))]}.",
                                    key, count=1)] = tensor
-                elif rest.endswith("_core"):  # shared by the layer's experts
+                elif rest.endswith(("_core", "_base")):  # shared by the layer's experts (shared core, delta's base)
                     out[key] = tensor
                 elif tensor.dim() >= 1 and tensor.shape[0] == e:
                     out[key] = tensor.index_select(0, ids)

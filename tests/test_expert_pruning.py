@@ -14,6 +14,7 @@ from moe_ds.calibrate import StatisticsHooks, new_sums
 from moe_ds.checkpoint import compress_model, load_model, save_compressed
 from moe_ds.model_files import ExpertReader
 from moe_ds.modeling_shared_core import find_experts
+from moe_ds.lowrank import LowRankExperts
 from moe_ds.shared_core import SharedCoreExperts
 
 TOKENS = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -43,7 +44,7 @@ def install(model, layers: dict[int, tuple[dict, dict]]):
         weights, router = layers[layer]
         experts, gate = model.get_submodule(name), model.get_submodule(name.rpartition(".")[0]).gate
         e = router["weight"].shape[0]
-        if isinstance(experts, SharedCoreExperts):
+        if isinstance(experts, (SharedCoreExperts, LowRankExperts)):
             for key, value in weights.items():
                 setattr(experts, key, nn.Parameter(value.clone()))
         else:
@@ -300,9 +301,11 @@ def test_merge_groups_respects_routing_groups_and_counts():
 
 # ----------------------------------------------------------------------------------------------- shared-core
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_select_experts_on_disk_of_a_shared_core_checkpoint(family, tmp_path, tiny_tokenizer):
-    model = compress_model(tiny_model(family), {"gate": 2, "up": 2, "down": 2})
+@pytest.mark.parametrize("family,form", [("qwen3_moe", "shared_core"), ("deepseek_v3", "shared_core"),
+                                         ("qwen3_moe", "delta")])
+def test_select_experts_on_disk_of_a_shared_core_checkpoint(family, form, tmp_path, tiny_tokenizer):
+    """Experts' factors are selected, the layer's shared tensors (cores; delta's bases) kept."""
+    model = compress_model(tiny_model(family), {"gate": 2, "up": 2, "down": 2}, form=form)
     with torch.no_grad():  # distinct experts (the mean start makes them all equal to the core)
         for p in model.parameters():
             if p.dim() == 3:
