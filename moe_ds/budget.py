@@ -79,13 +79,8 @@ class ExpertPlan:
     def stored_values(self) -> int:
         """Values stored for the layer's routed experts (parameters; kept weights under magnitude)."""
         e, d, i, r = self.kept_experts, self.hidden_size, self.intermediate_size, self.rank
-        per_expert_factors = sum(r * (o + n) for o, n in projection_shapes(d, i).values())
-        if self.weight_step == "shared_core":
-            return expert_params(e, d, i, r)
-        if self.weight_step == "lowrank":
-            return e * per_expert_factors
-        if self.weight_step == "delta":
-            return 3 * d * i + e * per_expert_factors
+        if self.weight_step in FACTORISED:
+            return expert_params(e, d, i, r, form=self.weight_step)
         if self.weight_step == "magnitude":
             return sum(kept_values(e * o * n, self.density) for o, n in projection_shapes(d, i).values())
         return e * 3 * d * i

@@ -68,7 +68,7 @@ class CompressConfig:
     num_experts: int | None = None  # prune/merge: experts kept per layer (needed when a weight step follows: prune,shared_core)
     prune_score: PruneScore = "reap"  # prune: REAP's router-weighted output norm per routed token, tokens routed, or routing weight received
     prune_threshold: float | None = None  # prune: drop experts below this share of a layer's tokens (every layer keeps the largest survivor count)
-    merge_similarity: MergeSimilarity = "router_logits"  # merge: cluster experts by their router logits or their outputs on the calibration's held-out tokens
+    merge_similarity: MergeSimilarity = "expert_outputs"  # merge: cluster experts by their mean outputs (HC-SMoE's choice) or their router logits on the calibration's held-out tokens
     sparsity: float | None = None  # magnitude: share of each projection's expert weights set to zero (or give target_ratio)
     init: Init = "mean"  # zero-shot start: mean (C = mean expert, U = 0, V ~ N(0, σ²)) or svd (closed form)
     steps: int = 1000  # Adam steps per (layer, projection)
@@ -326,7 +326,7 @@ def plan_method(cfg: CompressConfig, model_config, reader: ExpertReader, calibra
         elif structural == "merge":
             kept_count = cfg.num_experts or kept_experts_for_ratio(cfg.target_ratio, e, k)
             if not k <= kept_count <= e:
-                raise CompressError(f"merge to {kept_count} experts: needs top-k ({k}) <= experts <= {e}")
+                raise CompressError(f"merge to {kept_count} expert(s): needs top-k ({k}) <= experts <= {e}")
         plan = ExpertPlan(e, d, i, kept_count, weight_step, value_bytes=dtype_bytes(save))
         if weight_step in FACTORISED:
             rank = cfg.rank if cfg.rank is not None else rank_for_budget(cfg.target_ratio, plan)
@@ -708,8 +708,12 @@ def _method_statistics(cfg: CompressConfig, model_config, reader: ExpertReader, 
     router_per_expert = int(model_config.hidden_size) + (1 if reader.arch.model_type == "deepseek_v3" else 0)
     stats = method_statistics(setup.plan, setup.method, setup.top_k, len(reader.layers), shapes["total_params"],
                               router_per_expert)
-    n = len(reader.layers)
-    stats["bytes"] = {"dtype": setup.dtype, "experts_original": n * setup.plan.original_bytes(),
+    n, b = len(reader.layers), setup.plan.value_bytes
+    total = stats["total_params"]  # every tensor at the stored dtype; the experts as the method stores them
+    original = total["original"] * b
+    compressed = (total["compressed"] - n * setup.plan.stored_values()) * b + n * setup.plan.bytes()
+    stats["bytes"] = {"dtype": setup.dtype, "original": original, "compressed": compressed,
+                      "ratio": compressed / original, "experts_original": n * setup.plan.original_bytes(),
                       "experts_compressed": n * setup.plan.bytes()}
     stats["method_settings"] = {k: getattr(cfg, k) for k in ("target_ratio", "rank", "num_experts", "prune_score",
                                                             "prune_threshold", "merge_similarity", "sparsity")}
@@ -738,6 +742,8 @@ def assemble(cfg: CompressConfig, model_dir: Path, model_config, reader: ExpertR
         config.dtype = save_dtype
         config.save_pretrained(tmp)
         fit = {**asdict(cfg.fit_config()), "seed": cfg.seed}
+        if form != "shared_core":  # no Adam: the closed form is the optimum given the base
+            fit = {"closed_form": "per-expert truncated SVD (moe_ds.lowrank.fit_lowrank)"}
         if cfg.calibration is not None:
             fit.update(objective=cfg.resolved_objective(), calibration=str(cfg.calibration), damping=cfg.damping,
                        weighting=cfg.weighting, shrinkage=cfg.shrinkage)

@@ -345,7 +345,7 @@ BAD = {
                           "target ratio 0.25 keeps 1 of 6 experts, fewer than top-k = 2; the smallest ratio pruning "
                           "or merging can reach is 0.3333"),
     "merge below top-k": (["--method", "merge", "--num-experts", "1", "--calibration", "{c}"],
-                          "merge to 1 experts: needs top-k (2) <= experts <= 6"),
+                          "merge to 1 expert(s): needs top-k (2) <= experts <= 6"),
     "magnitude below the bitmap": (["--method", "magnitude", "--target-ratio", "0.03125"],
                                    "target ratio 0.03125 leaves no room for values: the bitmap index alone is 0.0312 "
                                    "of the original bytes"),
