@@ -21,17 +21,17 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from . import arch as arch_module
-from . import lowrank, modeling_shared_core, shared_core
+from . import lowrank, modeling_shared_core, quantize, shared_core
 from .arch import PROJECTIONS, get_architecture
 from .lowrank import LowRankExperts
-from .modeling_shared_core import (FORMAT_VERSIONS, FORMS, base_config_dict, base_model_class, checkpoint_form,
-                                   find_experts, shared_core_classes)
+from .modeling_shared_core import (FORMAT_VERSIONS, FORMS, QUANTIZATION_KEY, base_config_dict, base_model_class,
+                                   checkpoint_form, find_experts, quantized_classes, shared_core_classes)
 from .run_layout import atomic_output_dir
 from .shared_core import SharedCoreExperts
 from .stats import compression_statistics
 
 # Files copied verbatim beside each checkpoint for trust_remote_code.
-SHIPPED_MODULES = (arch_module, shared_core, lowrank, modeling_shared_core)
+SHIPPED_MODULES = (arch_module, shared_core, lowrank, quantize, modeling_shared_core)
 STATISTICS_FILE = "compression_statistics.yaml"
 # Non-weight files a model directory may carry (tokenizer and generation settings), copied by finish_checkpoint.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -362,8 +362,42 @@ def load_compressed(path: str | Path, dtype: torch.dtype | str | None = None, **
     return model_cls.from_pretrained(path, config=config, dtype=dtype or torch.float32, **kwargs).eval()
 
 
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    """True when ``path/config.json`` carries a ``moe_ds_quantization`` section (``moe_ds.quantized_checkpoint``)."""
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and QUANTIZATION_KEY in json.loads(cfg.read_text())
+
+
+def load_quantized_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
+                              **kwargs) -> PreTrainedModel:
+    """Load a quantized checkpoint with moe-ds's classes (no ``trust_remote_code``), dequantized into ``dtype``.
+
+    Args:
+        path: a folder written by ``moe_ds.quantized_checkpoint.quantize_checkpoint``.
+        dtype: None means float32; ``"auto"`` the source's stored dtype (``config.dtype``).
+        **kwargs: ``device_map``, ``attn_implementation`` (``modeling_shared_core.load_quantized``).
+
+    Returns:
+        The stock ``*ForCausalLM`` (from a stock source) or ``SharedCore*ForCausalLM`` (shared-core, lowrank, delta),
+        in eval mode; its config has no quantization section (the weights in memory are dequantized).
+
+    Raises:
+        CheckpointError: no config.json, or no quantization section.
+        QuantizedLoadError: see ``modeling_shared_core.load_quantized``.
+    """
+    path = Path(path)
+    if not is_quantized_checkpoint(path):
+        raise CheckpointError(f"{path}/config.json has no {QUANTIZATION_KEY} section: not a quantized checkpoint")
+    raw = json.loads((path / "config.json").read_text())
+    config_cls, model_cls = (shared_core_classes(raw["model_type"]) if "shared_core" in raw
+                             else quantized_classes(raw["model_type"]))
+    config = config_cls.from_pretrained(path)
+    return model_cls.from_pretrained(path, config=config, dtype=dtype or torch.float32, **kwargs)
+
+
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, **kwargs) -> PreTrainedModel:
-    """Load a compressed checkpoint (``load_compressed``) or any plain HF causal LM (``from_pretrained``).
+    """Load a compressed checkpoint (``load_compressed``), a quantized one (``load_quantized_checkpoint``) or any
+    plain HF causal LM (``from_pretrained``).
 
     Args:
         path: model directory.
@@ -377,6 +411,9 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, **kwarg
         CheckpointError: a compressed checkpoint whose weights do not match its config.
         OSError: ``from_pretrained`` found no loadable model in ``path``.
     """
+    if is_quantized_checkpoint(path):
+        kwargs.pop("trust_remote_code", None)
+        return load_quantized_checkpoint(path, dtype=dtype, **kwargs)
     if is_compressed_checkpoint(path):
         return load_compressed(path, dtype=dtype, **kwargs)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs).eval()
@@ -401,19 +438,20 @@ def export_dense(model_or_path: PreTrainedModel | str | Path, out_dir: str | Pat
                  overwrite: bool = False) -> Path:
     """Write a plain dense checkpoint (experts reconstructed) that loads with stock ``from_pretrained``.
 
-    This is what a user would serve (e.g. with vLLM); it has the original model's size.
+    This is what a user would serve (e.g. with vLLM); it has the original model's size. A quantized checkpoint
+    (``moe_ds.quantized_checkpoint``) is dequantized (into its source's stored dtype) and then written densely.
 
     Raises:
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
     """
     if not isinstance(model_or_path, PreTrainedModel):
         path = Path(model_or_path)
-        model = load_compressed(path, dtype="auto")
+        model = load_model(path, dtype="auto") if is_quantized_checkpoint(path) else load_compressed(path, dtype="auto")
         if tokenizer is None:  # copied as files: loading it would ask to trust the folder's remote code
             tokenizer = path
     else:
         model = model_or_path
-    dense = to_dense_model(model)
+    dense = to_dense_model(model) if isinstance(getattr(model.config, "shared_core", None), dict) else model
     with atomic_output_dir(out_dir, overwrite) as tmp:
         dense.save_pretrained(tmp)
         finish_checkpoint(tmp, dense.config, tokenizer=tokenizer)

@@ -115,6 +115,282 @@ def replace_experts(model: nn.Module, ranks: dict, form: str = "shared_core") ->
     return model
 
 
+# ------------------------------------------------------------------------------------- quantized checkpoints (#14)
+#
+# A quantized checkpoint (``moe_ds.quantized_checkpoint``) stores some tensors packed (``quantize.pack``: int4
+# values 8 per int32 word or int8 values, plus scales and zero points) under ``{key}.{entry}`` (e.g.
+# ``model.layers.0.mlp.experts.3.gate_proj.weight.weight_packed``) and records how in config.json's
+# ``moe_ds_quantization`` section (never ``quantization_config``, which would hand the model to a transformers
+# HfQuantizer that skips fused 3-D experts). Its classes' ``from_pretrained`` dequantize each tensor at load, on the
+# target device, straight into the load dtype, and return the plain model: a stock checkpoint loads as the
+# family's stock class, a shared-core one as its ``SharedCore*ForCausalLM`` without the quantization section. The
+# runtime compute is then the ordinary bf16/fp32 forward (weight-only storage quantization; no int4 kernels).
+
+QUANTIZATION_KEY = "moe_ds_quantization"  # config.json section of a quantized checkpoint
+QUANT_FORMAT_VERSIONS = (1,)
+ENTRY_NAMES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight")  # quantize.pack's
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_IGNORED_LOAD_KWARGS = ("trust_remote_code", "revision", "subfolder", "cache_dir", "local_files_only", "token",
+                        "low_cpu_mem_usage", "use_safetensors", "force_download", "proxies", "gguf_file",
+                        "quantization_config", "code_revision", "_from_auto", "_commit_hash", "offload_folder",
+                        "offload_state_dict", "adapter_kwargs", "weights_only", "variant", "key_mapping",
+                        "max_memory", "tp_plan", "tp_size", "device_mesh")
+
+
+class QuantizedLoadError(ValueError):
+    """A quantized checkpoint that cannot be loaded as asked (names the tensor, section or option)."""
+
+
+def quantization_section(config) -> dict | None:
+    """The ``moe_ds_quantization`` section of a config (object or dict), or None when not quantized."""
+    section = config.get(QUANTIZATION_KEY) if isinstance(config, dict) else getattr(config, QUANTIZATION_KEY, None)
+    return section if isinstance(section, dict) else None
+
+
+def _weight_map(path) -> dict[str, str]:
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if (path / "model.safetensors.index.json").is_file():
+        return json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    if not (path / "model.safetensors").is_file():
+        raise QuantizedLoadError(f"{path} holds no model.safetensors or model.safetensors.index.json")
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        return {k: "model.safetensors" for k in f.keys()}
+
+
+def _load_device(device_map):
+    """(device every tensor is read to, device map to dispatch with afterwards or None)."""
+    import torch
+
+    if device_map is None:
+        return torch.device("cpu"), None
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) == 1:
+            d = devices.pop()
+            return torch.device(f"cuda:{d}" if isinstance(d, int) else d), None
+        return torch.device("cpu"), device_map
+    if isinstance(device_map, str) and device_map in _DEVICE_MAP_STRATEGIES:
+        n = torch.cuda.device_count()
+        if n <= 1:
+            return torch.device("cuda:0" if n else "cpu"), None
+        return torch.device("cpu"), device_map
+    if isinstance(device_map, int):
+        return torch.device(f"cuda:{device_map}"), None
+    try:
+        return torch.device(device_map), None
+    except (RuntimeError, TypeError) as err:
+        raise QuantizedLoadError(f"device_map {device_map!r} is not understood: give a device, {{'': device}}, "
+                                 f"a per-module dict or one of {_DEVICE_MAP_STRATEGIES}") from err
+
+
+def _resolve_dtype(dtype, config):
+    import torch
+
+    if dtype is None or dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise QuantizedLoadError(f"dtype must be a floating torch dtype, 'auto' or None, got {dtype!r}")
+    return dtype
+
+
+def _dequantized(entries: dict, dtype, device, transposed: bool):
+    """One packed tensor → its dequantized values in ``dtype`` on ``device``, one matrix at a time in float32."""
+    import torch
+
+    from .quantize import dequantize, unpack
+
+    q = unpack({k: v.to(device) for k, v in entries.items()}, dtype=dtype)
+    shape = q.values.shape
+    out = torch.empty(shape, dtype=dtype, device=device)
+    flat_v, flat_s = q.values.reshape(-1, *shape[-2:]), q.scale.reshape(-1, *q.scale.shape[-2:])
+    flat_z = None if q.zero_point is None else q.zero_point.reshape(-1, *q.zero_point.shape[-2:])
+    flat_o = out.view(-1, *shape[-2:])
+    for i in range(flat_v.shape[0]):
+        one = type(q)(flat_v[i], flat_s[i], None if flat_z is None else flat_z[i], q.spec, dtype)
+        flat_o[i] = dequantize(one, dtype)
+    return out.transpose(-1, -2).contiguous() if transposed else out
+
+
+def _set_tensor(model, name: str, tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        raise QuantizedLoadError(f"the checkpoint holds {name!r}, which {type(model).__name__} does not have")
+
+
+class _StockExperts:
+    """Collects a stock checkpoint's per-expert keys into the fused in-memory tensors of each MoE layer."""
+
+    def __init__(self, model, arch, dtype, device):
+        self.model, self.arch, self.dtype, self.device = model, arch, dtype, device
+        key = re.escape(arch.disk_expert_key).replace(r"\{layer\}", r"(?P<layer>\d+)")
+        key = key.replace(r"\{expert\}", r"(?P<expert>\d+)").replace(r"\{proj\}", r"(?P<proj>\w+)")
+        self.pattern = re.compile(f"^{key}$")
+        self.proj = {v: k for k, v in arch.disk_proj_names.items()}
+        self.filled: set = set()
+
+    def take(self, key: str, tensor) -> bool:
+        import torch
+
+        m = self.pattern.match(key)
+        if m is None or m.group("proj") not in self.proj:
+            return False
+        layer, e, proj = int(m.group("layer")), int(m.group("expert")), self.proj[m.group("proj")]
+        name = f"model.layers.{layer}.{self.arch.moe_block}.{self.arch.experts}"
+        experts = self.model.get_submodule(name)
+        attr = "down_proj" if proj == "down" else "gate_up_proj"
+        param = getattr(experts, attr)
+        if param.device.type == "meta":
+            param = torch.empty(param.shape, dtype=self.dtype, device=self.device)
+            _set_tensor(self.model, f"{name}.{attr}", param)
+            param = getattr(experts, attr)
+        i = param.shape[1] // 2
+        rows = {"gate": slice(0, i), "up": slice(i, 2 * i), "down": slice(None)}[proj]
+        with torch.no_grad():
+            param[e, rows].copy_(tensor)
+        self.filled.add((layer, e, proj))
+        return True
+
+
+def load_quantized(model_cls, path, config, dtype=None, device_map=None, **kwargs):
+    """Load a quantized checkpoint (see the comment above): the model of ``model_cls``'s base (stock or shared-core)
+    with every packed tensor dequantized into ``dtype`` on the target device.
+
+    Shards are read one at a time (``safe_open``); each packed tensor is moved to the target device packed, unpacked
+    there and dequantized one matrix at a time in float32 into a ``dtype`` tensor, so no full float32 (or host)
+    copy of the model is made. Other floating tensors are cast to ``dtype`` (``_keep_in_fp32_modules_strict``, e.g.
+    DeepSeek-V3's ``e_score_correction_bias``, stay float32).
+
+    Args:
+        model_cls: the quantized checkpoint's class (``Quantized*ForCausalLM`` or ``SharedCore*ForCausalLM``).
+        path: the checkpoint folder. config: its config (with the ``moe_ds_quantization`` section).
+        dtype: torch dtype, its name, "auto" or None (both: the stored ``config.dtype``).
+        device_map: None (CPU), a device, ``{"": device}``, or "auto"/"balanced"/"sequential"/a per-module dict
+            (loaded on CPU, then dispatched with accelerate when more than one GPU is visible).
+        **kwargs: ``attn_implementation``; hub/loader options without meaning for a local folder are ignored.
+
+    Returns:
+        The stock ``*ForCausalLM`` (quantized stock checkpoint) or ``SharedCore*ForCausalLM`` in eval mode, its
+        config without the quantization section.
+
+    Raises:
+        QuantizedLoadError: an unknown format version, option, dtype or device_map, or weights that do not cover
+            the model (names them).
+    """
+    import copy
+
+    import torch
+    from safetensors import safe_open
+
+    section = quantization_section(config)
+    if section is None or section.get("format_version") not in QUANT_FORMAT_VERSIONS:
+        raise QuantizedLoadError(f"{path}: {QUANTIZATION_KEY} section missing or of an unknown format_version "
+                                 f"({None if section is None else section.get('format_version')}); this code reads "
+                                 f"{QUANT_FORMAT_VERSIONS}")
+    attn = kwargs.pop("attn_implementation", None)
+    dtype = _resolve_dtype(kwargs.pop("torch_dtype", None) if dtype is None else dtype, config)
+    unknown = {k: v for k, v in kwargs.items() if k not in _IGNORED_LOAD_KWARGS and v is not None}
+    if unknown:
+        raise QuantizedLoadError(f"options {sorted(unknown)} are not supported when loading a quantized "
+                                 f"checkpoint (supported: dtype, device_map, attn_implementation)")
+    device, dispatch = _load_device(device_map)
+    transposed = re.compile(section.get("transposed", r"$^"))
+    config = copy.deepcopy(config)
+    delattr(config, QUANTIZATION_KEY)
+    arch = get_architecture(base_model_type(config.model_type))
+    if "shared_core" in config.to_dict() and isinstance(getattr(config, "shared_core", None), dict):
+        target_cls, target_config = model_cls, config
+    else:
+        target_config, target_cls = base_model_class(config)
+        target_config.architectures = [target_cls.__name__]
+    if attn is not None:
+        target_config._attn_implementation = attn
+    with torch.device("meta"):
+        model = target_cls(target_config)
+    keep_fp32 = tuple(getattr(target_cls, "_keep_in_fp32_modules_strict", None) or ()) + tuple(
+        getattr(target_cls, "_keep_in_fp32_modules", None) or ())
+    stock = None if target_cls is model_cls else _StockExperts(model, arch, dtype, device)
+    weight_map = _weight_map(path)
+    packed = {}  # parameter key -> {entry: stored key}
+    for key in weight_map:
+        base, _, entry = key.rpartition(".")
+        if entry in ENTRY_NAMES and base in section.get("tensors", {}):
+            packed.setdefault(base, {})[entry] = key
+    loaded = set()
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(f"{path}/{shard}", framework="pt") as f:
+            names = set(f.keys())
+            done = set()
+            for base, entries in packed.items():
+                if not set(entries.values()) <= names:
+                    continue
+                t = _dequantized({e: f.get_tensor(k) for e, k in entries.items()}, dtype, device,
+                                 bool(transposed.search(base)))
+                done |= set(entries.values())
+                if stock is None or not stock.take(base, t):
+                    _set_tensor(model, arch.disk_to_memory(base), t)
+                    loaded.add(arch.disk_to_memory(base))
+            for key in sorted(names - done):
+                t = f.get_tensor(key)
+                name = arch.disk_to_memory(key)
+                if t.is_floating_point():
+                    t = t.to(torch.float32 if any(s in name for s in keep_fp32) else dtype)
+                t = t.to(device)
+                if stock is None or not stock.take(key, t):
+                    _set_tensor(model, name, t)
+                    loaded.add(name)
+    model.tie_weights()
+    for name, module in model.named_modules():  # non-persistent buffers (rotary inv_freq) are rebuilt
+        if any(b is not None and b.device.type == "meta" for b in module._buffers.values()):
+            if not hasattr(module, "config"):
+                raise QuantizedLoadError(f"cannot rebuild the buffers of {name} ({type(module).__name__})")
+            with torch.device(device):
+                fresh = type(module)(module.config)
+            for b, value in fresh._buffers.items():
+                module._buffers[b] = value
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+    if missing:
+        raise QuantizedLoadError(f"{path}: {len(missing)} tensors of {target_cls.__name__} are not in the checkpoint "
+                                 f"(e.g. {', '.join(missing[:5])})")
+    model.config.dtype = dtype
+    if dispatch is not None:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        device_map = dispatch if isinstance(dispatch, dict) else infer_auto_device_map(
+            model, no_split_module_classes=list(getattr(model, "_no_split_modules", None) or []))
+        model = dispatch_model(model, device_map=device_map)
+    return model.eval()
+
+
+class _QuantizedLoadMixin:
+    """``from_pretrained`` of a folder with a ``moe_ds_quantization`` section dequantizes it (``load_quantized``)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        if config is None or isinstance(config, (str, bytes)) or not hasattr(config, "to_dict"):
+            from transformers import AutoConfig
+
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path) if config is None else \
+                AutoConfig.from_pretrained(config, trust_remote_code=True)
+        if quantization_section(config) is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+        if args:
+            raise QuantizedLoadError(f"positional model arguments {args!r} are not supported for quantized loading")
+        return load_quantized(cls, pretrained_model_name_or_path, config, kwargs.pop("dtype", None),
+                              kwargs.pop("device_map", None), **kwargs)
+
+
 class _SharedCoreMixin:
     """Builds the stock model, then installs compressed experts of ``config.shared_core``'s form and ranks."""
 
@@ -130,40 +406,80 @@ class SharedCoreQwen3MoeConfig(Qwen3MoeConfig):
     model_type = "shared_core_qwen3_moe"
 
 
-class SharedCoreQwen3MoeForCausalLM(_SharedCoreMixin, Qwen3MoeForCausalLM):
+class SharedCoreQwen3MoeForCausalLM(_QuantizedLoadMixin, _SharedCoreMixin, Qwen3MoeForCausalLM):
     config_class = SharedCoreQwen3MoeConfig
+
+
+class QuantizedQwen3MoeConfig(Qwen3MoeConfig):
+    model_type = "quantized_qwen3_moe"
+
+
+class QuantizedQwen3MoeForCausalLM(_QuantizedLoadMixin, Qwen3MoeForCausalLM):
+    config_class = QuantizedQwen3MoeConfig
 
 
 class SharedCoreQwen2MoeConfig(Qwen2MoeConfig):
     model_type = "shared_core_qwen2_moe"
 
 
-class SharedCoreQwen2MoeForCausalLM(_SharedCoreMixin, Qwen2MoeForCausalLM):
+class SharedCoreQwen2MoeForCausalLM(_QuantizedLoadMixin, _SharedCoreMixin, Qwen2MoeForCausalLM):
     config_class = SharedCoreQwen2MoeConfig
+
+
+class QuantizedQwen2MoeConfig(Qwen2MoeConfig):
+    model_type = "quantized_qwen2_moe"
+
+
+class QuantizedQwen2MoeForCausalLM(_QuantizedLoadMixin, Qwen2MoeForCausalLM):
+    config_class = QuantizedQwen2MoeConfig
 
 
 class SharedCoreMixtralConfig(MixtralConfig):
     model_type = "shared_core_mixtral"
 
 
-class SharedCoreMixtralForCausalLM(_SharedCoreMixin, MixtralForCausalLM):
+class SharedCoreMixtralForCausalLM(_QuantizedLoadMixin, _SharedCoreMixin, MixtralForCausalLM):
     config_class = SharedCoreMixtralConfig
+
+
+class QuantizedMixtralConfig(MixtralConfig):
+    model_type = "quantized_mixtral"
+
+
+class QuantizedMixtralForCausalLM(_QuantizedLoadMixin, MixtralForCausalLM):
+    config_class = QuantizedMixtralConfig
 
 
 class SharedCoreOlmoeConfig(OlmoeConfig):
     model_type = "shared_core_olmoe"
 
 
-class SharedCoreOlmoeForCausalLM(_SharedCoreMixin, OlmoeForCausalLM):
+class SharedCoreOlmoeForCausalLM(_QuantizedLoadMixin, _SharedCoreMixin, OlmoeForCausalLM):
     config_class = SharedCoreOlmoeConfig
+
+
+class QuantizedOlmoeConfig(OlmoeConfig):
+    model_type = "quantized_olmoe"
+
+
+class QuantizedOlmoeForCausalLM(_QuantizedLoadMixin, OlmoeForCausalLM):
+    config_class = QuantizedOlmoeConfig
 
 
 class SharedCoreDeepseekV3Config(DeepseekV3Config):
     model_type = "shared_core_deepseek_v3"
 
 
-class SharedCoreDeepseekV3ForCausalLM(_SharedCoreMixin, DeepseekV3ForCausalLM):
+class SharedCoreDeepseekV3ForCausalLM(_QuantizedLoadMixin, _SharedCoreMixin, DeepseekV3ForCausalLM):
     config_class = SharedCoreDeepseekV3Config
+
+
+class QuantizedDeepseekV3Config(DeepseekV3Config):
+    model_type = "quantized_deepseek_v3"
+
+
+class QuantizedDeepseekV3ForCausalLM(_QuantizedLoadMixin, DeepseekV3ForCausalLM):
+    config_class = QuantizedDeepseekV3Config
 
 
 # base model_type -> (config class, causal-LM class), for the families in arch.ARCHITECTURES.
@@ -174,6 +490,32 @@ SHARED_CORE_CLASSES = {
     "olmoe": (SharedCoreOlmoeConfig, SharedCoreOlmoeForCausalLM),
     "deepseek_v3": (SharedCoreDeepseekV3Config, SharedCoreDeepseekV3ForCausalLM),
 }
+# base model_type -> (config class, causal-LM class) of quantized stock checkpoints (model_type "quantized_<family>")
+QUANTIZED_CLASSES = {
+    "qwen3_moe": (QuantizedQwen3MoeConfig, QuantizedQwen3MoeForCausalLM),
+    "qwen2_moe": (QuantizedQwen2MoeConfig, QuantizedQwen2MoeForCausalLM),
+    "mixtral": (QuantizedMixtralConfig, QuantizedMixtralForCausalLM),
+    "olmoe": (QuantizedOlmoeConfig, QuantizedOlmoeForCausalLM),
+    "deepseek_v3": (QuantizedDeepseekV3Config, QuantizedDeepseekV3ForCausalLM),
+}
+
+
+def base_model_type(model_type: str) -> str:
+    """The family of a stock, ``shared_core_`` or ``quantized_`` model type ("quantized_qwen3_moe" → "qwen3_moe").
+
+    Raises:
+        UnsupportedModelError: unknown model type.
+    """
+    return get_architecture(model_type.removeprefix("quantized_")).model_type
+
+
+def quantized_classes(model_type: str) -> tuple[type, type]:
+    """(config class, causal-LM class) of a quantized stock checkpoint of this family.
+
+    Raises:
+        UnsupportedModelError: unknown model type.
+    """
+    return QUANTIZED_CLASSES[base_model_type(model_type)]
 
 
 def shared_core_classes(model_type: str) -> tuple[type, type]:
@@ -182,18 +524,19 @@ def shared_core_classes(model_type: str) -> tuple[type, type]:
     Raises:
         UnsupportedModelError: unknown model type (the message lists the supported ones).
     """
-    return SHARED_CORE_CLASSES[get_architecture(model_type).model_type]
+    return SHARED_CORE_CLASSES[base_model_type(model_type)]
 
 
 def base_config_dict(config) -> dict:
     """A config's settings without the keys that name its class or compression (model_type, auto_map, ...)."""
     d = config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "shared_core", "transformers_version"):
+    for key in ("model_type", "architectures", "auto_map", "shared_core", "transformers_version", QUANTIZATION_KEY):
         d.pop(key, None)
     return d
 
 
 def base_model_class(config) -> tuple:
     """(stock transformers config, stock causal-LM class) of a shared-core or original MoE config."""
-    base_config = CONFIG_MAPPING[get_architecture(config.model_type).model_type](**base_config_dict(config))
+    base_config = CONFIG_MAPPING[base_model_type(config.model_type)](**base_config_dict(config))
     return base_config, MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
+
