@@ -1,0 +1,216 @@
+"""Quantized checkpoints (#14): writing, loading everywhere (our loader, trust_remote_code in a fresh process, the
+lm_eval CLI), dense export, byte accounting and refusals."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+import yaml
+
+from conftest import tiny_model
+from moe_ds import quantize as qz
+from moe_ds.arch import get_architecture
+from moe_ds.checkpoint import (compress_model, export_dense, load_model, read_tensors, read_weight_map,
+                               save_compressed)
+from moe_ds.expert_pruning import select_experts_on_disk
+from moe_ds.modeling_shared_core import ENTRY_NAMES, QuantizedLoadError
+from moe_ds.quantized_checkpoint import TRANSPOSED, QuantizedCheckpointError, quantize_checkpoint
+
+RANKS = {"gate": 3, "up": 5, "down": 4}
+SPEC = "int4-g8"  # the tiny models' d = 32 and I = 24: g8 divides both
+
+
+def stored(qdir: Path) -> dict[str, torch.Tensor]:
+    """{key: dequantize(unpack(entries)) in float32, in the parameter's own orientation} for every packed key."""
+    section = json.loads((qdir / "config.json").read_text())["moe_ds_quantization"]
+    weight_map = read_weight_map(qdir)
+    out = {}
+    for key in section["tensors"]:
+        names = [f"{key}.{e}" for e in ENTRY_NAMES if f"{key}.{e}" in weight_map]
+        t = read_tensors(qdir, weight_map, names)
+        w = qz.dequantize(qz.unpack({n.rpartition(".")[2]: v for n, v in t.items()}), torch.float32)
+        out[key] = w.transpose(-1, -2) if re.search(TRANSPOSED, key) else w
+    return out
+
+
+def in_memory(model, key: str) -> torch.Tensor:
+    """The loaded model's tensor for a stored key (a stock per-expert key is its slice of the fused experts)."""
+    arch = get_architecture(model.config.model_type)
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight", key)
+    if m is None:
+        return model.state_dict()[arch.disk_to_memory(key)]
+    layer, e = int(m.group(1)), int(m.group(2))
+    proj = {v: k for k, v in arch.disk_proj_names.items()}[m.group(3)]
+    experts = model.get_submodule(f"model.layers.{layer}.{arch.moe_block}.{arch.experts}")
+    i = experts.gate_up_proj.shape[1] // 2
+    return {"gate": experts.gate_up_proj[e, :i], "up": experts.gate_up_proj[e, i:],
+            "down": experts.down_proj[e]}[proj]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Unquantized sources: a shared-core, a lowrank and a pruned stock checkpoint of the tiny Qwen3-MoE."""
+    root = tmp_path_factory.mktemp("q")
+    teacher = tiny_model("qwen3_moe")
+    teacher.save_pretrained(root / "stock")
+    model = compress_model(teacher, RANKS, method="mean")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 3:
+                p.normal_(0.0, 0.2)
+    save_compressed(model, root / "shared_core")
+    save_compressed(compress_model(teacher, RANKS, form="lowrank"), root / "lowrank")
+    select_experts_on_disk(root / "stock", root / "pruned", {0: torch.tensor([0, 2, 3, 5]), 1: torch.tensor([1, 2, 3, 4])})
+    return root
+
+
+@pytest.mark.parametrize("kind", ["shared_core", "lowrank", "pruned"])
+def test_loaded_tensors_are_exactly_the_dequantized_packed_ones(sources, tmp_path, kind):
+    q = quantize_checkpoint(sources / kind, tmp_path / "q", experts=SPEC, router="int8")
+    section = json.loads((q / "config.json").read_text())["moe_ds_quantization"]
+    assert (section["experts"], section["router"], section["attention"]) == ("int4-g8", "int8", None)
+    assert "quantization_config" not in json.loads((q / "config.json").read_text())
+    packed = stored(q)
+    roles = {"experts": 0, "router": 0}
+    for key in packed:
+        roles["router" if key.endswith("mlp.gate.weight") else "experts"] += 1
+    assert roles["router"] == 2 and roles["experts"] >= 6
+    source = read_tensors(sources / kind, read_weight_map(sources / kind), list(packed))
+    model = load_model(q)
+    for key, w in packed.items():
+        assert torch.equal(in_memory(model, key), w), key
+        assert not torch.equal(w, source[key]), key  # really quantized ...
+        bound = source[key].abs().max() / 7 * 0.5 * 1.01  # s/2, s = max|w|/7 rounded up to bf16 (int8: /127)
+        assert (w - source[key]).abs().max() <= bound, key
+    # every tensor not packed is the source's, unchanged
+    plain = read_tensors(sources / kind, read_weight_map(sources / kind),
+                         [k for k in read_weight_map(sources / kind) if k not in packed])
+    for key, t in plain.items():
+        assert torch.equal(in_memory(model, key), t), key
+    assert "moe_ds_quantization" not in model.config.to_dict()  # the model in memory is dequantized
+    # bf16 load: each parameter is dequantize(..., bf16) of the same entries, no float32 left
+    bf = load_model(q, dtype=torch.bfloat16, device_map={"": "cpu"})
+    assert {p.dtype for p in bf.parameters()} == {torch.bfloat16}
+    for key, w in packed.items():
+        assert torch.equal(in_memory(bf, key), w.to(torch.bfloat16)), key
+
+
+def test_stock_result_is_its_own_model_type_and_plain_auto_refuses_it(sources, tmp_path):
+    q = quantize_checkpoint(sources / "pruned", tmp_path / "q", experts=SPEC, router=None)
+    config = json.loads((q / "config.json").read_text())
+    assert config["model_type"] == "quantized_qwen3_moe"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_shared_core.QuantizedQwen3MoeForCausalLM"
+    assert (q / "quantize.py").read_bytes() == Path(qz.__file__).read_bytes()
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        T.AutoModelForCausalLM.from_pretrained(q, trust_remote_code=False)
+    model = load_model(q)
+    assert type(model) is T.Qwen3MoeForCausalLM and model.config.num_experts == 4
+    assert model.get_submodule("model.layers.0.mlp.gate").weight.dtype == torch.float32  # router kept
+
+
+FRESH = r"""
+import sys, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
+root = Path(sys.argv[1])
+ref = load_file(root / "expected.safetensors")
+for name in sys.argv[2:]:
+    model = AutoModelForCausalLM.from_pretrained(root / name, trust_remote_code=True, dtype=torch.float32)
+    assert type(model).__module__.startswith(("transformers_modules", "transformers.models")), type(model)
+    with torch.no_grad():
+        err = (model(ref["ids"]).logits - ref[name]).abs().max().item()
+    print(name, type(model).__name__, err)
+    assert err == 0, (name, err)
+assert "moe_ds" not in sys.modules
+print("OK")
+"""
+
+
+def test_trust_remote_code_in_a_fresh_process_and_dense_export(sources, tmp_path):
+    from safetensors.torch import save_file
+
+    ids = torch.randint(0, 300, (2, 7))
+    expected = {"ids": ids}
+    for kind in ("shared_core", "pruned"):
+        q = quantize_checkpoint(sources / kind, tmp_path / kind, experts=SPEC, router="int8")
+        with torch.no_grad():
+            expected[kind] = load_model(q)(ids).logits.contiguous()
+        export_dense(q, tmp_path / f"{kind}_dense")  # dequantized, stock, plain from_pretrained
+        dense = T.AutoModelForCausalLM.from_pretrained(tmp_path / f"{kind}_dense", dtype=torch.float32)
+        assert type(dense).__module__.startswith("transformers.models")
+        with torch.no_grad():
+            err = (dense(ids).logits - expected[kind]).abs().max().item()
+        assert err == 0 if kind == "pruned" else err < 1e-5, (kind, err)  # the shared core's Ŵ = products
+    save_file(expected, tmp_path / "expected.safetensors")
+    out = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path), "shared_core", "pruned"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert out.stdout.strip().endswith("OK")
+
+
+def test_statistics_count_the_packed_bytes_exactly(sources, tmp_path):
+    q = quantize_checkpoint(sources / "stock", tmp_path / "q", experts=SPEC, router="int8")
+    stats = yaml.safe_load((q / "compression_statistics.yaml").read_text())["quantization"]
+    # by hand: 2 layers x 6 experts; gate/up [24, 32], down [32, 24]; int4-g8 with bf16 scales
+    gate = 24 * (32 // 8) * 4 + 24 * (32 // 8) * 2  # 4-bit words + scales = 576
+    down = 32 * (24 // 8) * 4 + 32 * (24 // 8) * 2  # 576
+    assert stats["bytes"]["experts"] == {"original": 2 * 6 * 3 * 24 * 32 * 4, "quantized": 2 * 6 * (2 * gate + down),
+                                         "tensors": 36, "ratio": 2 * 6 * (2 * gate + down) / (2 * 6 * 3 * 24 * 32 * 4)}
+    assert stats["bytes"]["router"]["quantized"] == 2 * (6 * 32 + 6 * 2)  # int8 values + one bf16 scale per row
+    assert stats["experts"] == "int4-g8" and stats["router"] == "int8"
+    # and these are the bytes the files hold (weight_shape, 8 bytes per dim, is metadata)
+    weight_map = read_weight_map(q)
+    on_disk = {"experts": 0, "router": 0}
+    for name, t in read_tensors(q, weight_map, list(weight_map)).items():
+        base, _, entry = name.rpartition(".")
+        if entry in ENTRY_NAMES and entry != "weight_shape" and base.endswith(".weight"):
+            on_disk["router" if base.endswith("mlp.gate.weight") else "experts"] += t.numel() * t.element_size()
+    assert on_disk == {"experts": stats["bytes"]["experts"]["quantized"],
+                       "router": stats["bytes"]["router"]["quantized"]}
+
+
+def test_bad_inputs_name_the_problem_and_write_nothing(sources, tmp_path):
+    with pytest.raises(QuantizedCheckpointError, match=r"group size 16 does not divide .*experts\.0\.(gate|up|down)"
+                                                       r"_proj\.weight .*\[8, 12, 24\]"):
+        quantize_checkpoint(sources / "stock", tmp_path / "q", experts="int4-g16")
+    with pytest.raises(QuantizedCheckpointError, match="unsupported quantized dtype 'int3'"):
+        quantize_checkpoint(sources / "stock", tmp_path / "q", experts="int3-g8")
+    with pytest.raises(QuantizedCheckpointError, match="already quantized"):
+        quantize_checkpoint(quantize_checkpoint(sources / "stock", tmp_path / "q1", experts=SPEC), tmp_path / "q2")
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q2").exists()
+    with pytest.raises(QuantizedLoadError, match="not supported when loading a quantized"):
+        load_model(tmp_path / "q1", load_in_8bit=True)
+
+
+@pytest.mark.slow
+def test_stock_lm_eval_cli_evaluates_a_quantized_checkpoint(tmp_path, tiny_tokenizer, stdlib_text):
+    """`lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True` on a quantized shared-core
+    checkpoint agrees with our Python-API evaluation through moe-ds's loader."""
+    import os
+
+    from moe_ds.eval_tasks import render_local_tasks
+    from moe_ds.evaluate import perplexity
+
+    model = compress_model(tiny_model("qwen3_moe", vocab_size=len(tiny_tokenizer)), RANKS)
+    save_compressed(model, tmp_path / "c", tokenizer=tiny_tokenizer)
+    quantize_checkpoint(tmp_path / "c", tmp_path / "q", experts=SPEC)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": stdlib_text[i * 400:(i + 1) * 400]}) + "\n" for i in range(3)))
+    ours = perplexity(tmp_path / "q", docs)
+    tasks = render_local_tasks(tmp_path / "tasks", text_file=docs)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                          f"pretrained={tmp_path / 'q'},trust_remote_code=True", "--tasks", tasks["perplexity"],
+                          "--include_path", str(tmp_path / "tasks"), "--device", "cpu", "--batch_size", "8",
+                          "--output_path", str(tmp_path / "cli")], env=env, capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cli = json.loads(next((tmp_path / "cli").rglob("results_*.json")).read_text())["results"][tasks["perplexity"]]
+    assert cli["word_perplexity,none"] == pytest.approx(ours["word_perplexity"], rel=1e-5)
+    assert cli["word_perplexity,none"] > 1
