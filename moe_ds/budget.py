@@ -12,6 +12,12 @@ with b bytes per value and (d_out, d_in) ∈ {(I, d), (I, d), (d, I)} the three 
     delta (rank r)         (3·d·I + E'·Σ_p r·(d_out + d_in))·b         base C + per-expert A_e B_e (D²-MoE)
     magnitude (nnz kept)   nnz·b + ⌈numel/8⌉ per projection             values + a bitmap of the kept positions
 
+With ``quant`` (``--quantize``, a ``moe_ds.quantize`` spec such as "int4-g128") every stored expert tensor counts
+its packed bytes exactly (``quantize.packed_bytes``: values, scales and zero points), in the orientation
+``moe_ds.quantized_checkpoint`` stores it (groups along d or I: factors whose last axis is the rank are counted as
+their transpose), so the rank, experts kept or density is chosen at the quantized size (int4 shared-core factors
+take a ~4x larger rank than bf16 at the same bytes). The ratio stays against the original in its own dtype.
+
 The router's rows (E'·d) are not expert storage: they are counted in the total parameters instead. The ratio is
 always against the original E·3·d·I·b, so pruning to half the experts is ratio 0.5 whatever comes after it.
 """
@@ -20,6 +26,7 @@ import bisect
 import math
 from dataclasses import dataclass
 
+from .quantize import QuantizationError, QuantSpec, packed_bytes
 from .stats import expert_params, projection_shapes
 
 STRUCTURAL = ("prune", "merge")
@@ -71,6 +78,37 @@ class ExpertPlan:
     rank: int = 0  # factorised forms: r of every projection
     density: float = 1.0  # magnitude: share of the weights kept
     value_bytes: int = 2  # bytes per stored value (the checkpoint's dtype)
+    quant: str | None = None  # experts' quantization spec ("int4-g128"): bytes are packed bytes; None: value_bytes
+
+    def __post_init__(self):
+        if self.quant is not None:
+            if self.weight_step == "magnitude":
+                raise BudgetError("magnitude pruning keeps a bitmap of float values; it cannot be combined with "
+                                  f"quantized experts ({self.quant})")
+            try:
+                spec = QuantSpec.parse(self.quant)
+                for k in {self.hidden_size, self.intermediate_size}:
+                    spec.group(k)
+            except QuantizationError as err:
+                g = spec.group_size if "spec" in locals() and spec.group_size else 0
+                both = math.gcd(self.hidden_size, self.intermediate_size)
+                near = sorted(sorted((x for x in range(1, both + 1) if both % x == 0), key=lambda x: abs(x - g))[:3])
+                hint = f"; nearest valid group sizes: {near}" if g else ""
+                raise BudgetError(f"--quantize {self.quant}: {err} (the experts' groups run along d="
+                                  f"{self.hidden_size} and I={self.intermediate_size}{hint})") from err
+
+    def quantized_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the stored expert tensors as they are quantized ([..., rows, group axis]; module docstring)."""
+        e, r = self.kept_experts, self.rank
+        out = []
+        for o, n in projection_shapes(self.hidden_size, self.intermediate_size).values():
+            if self.weight_step == "shared_core":
+                out += [(o, n), (e, r, n), (e, r, n), (e, r, o), (e, r, o)]  # core, U_in, V_in, U_out, V_out
+            elif self.weight_step in ("lowrank", "delta"):
+                out += [(e, r, o), (e, r, n)] + ([(o, n)] if self.weight_step == "delta" else [])  # A_eᵀ, B_e, C
+            else:
+                out.append((e, o, n))
+        return out
 
     def original_bytes(self) -> int:
         """E·3·d·I·b: the original layer's routed experts."""
@@ -86,7 +124,10 @@ class ExpertPlan:
         return e * 3 * d * i
 
     def bytes(self) -> int:
-        """Stored bytes of the layer's routed experts: values, plus the bitmap index under magnitude."""
+        """Stored bytes of the layer's routed experts: values, plus the bitmap index under magnitude; with ``quant``
+        the exact packed bytes of every tensor."""
+        if self.quant is not None:
+            return sum(packed_bytes(shape, self.quant) for shape in self.quantized_shapes())
         index = 0
         if self.weight_step == "magnitude":
             index = sum(math.ceil(self.kept_experts * o * n / 8)
@@ -113,6 +154,23 @@ def kept_experts_for_ratio(ratio: float, num_experts: int, top_k: int) -> int:
     if kept < top_k:
         raise BudgetError(f"target ratio {ratio} keeps {kept} of {num_experts} experts, fewer than top-k = {top_k}; "
                           f"the smallest ratio pruning or merging can reach is {top_k / num_experts:.4f}")
+    return kept
+
+
+def kept_experts_for_budget(ratio: float, plan: ExpertPlan, top_k: int) -> int:
+    """The most experts E' ≤ E whose stored bytes (``plan`` with E' experts, e.g. quantized) stay within
+    ratio · original bytes, at least top_k; without ``plan.quant`` and a weight step this is
+    ``kept_experts_for_ratio``.
+
+    Raises:
+        BudgetError: fewer than top_k experts would fit.
+    """
+    limit = ratio * plan.original_bytes() + 1e-9
+    kept = max((n for n in range(plan.num_experts + 1)
+                if ExpertPlan(**{**plan.__dict__, "kept_experts": n}).bytes() <= limit), default=0)
+    if kept < top_k:
+        raise BudgetError(f"target ratio {ratio} keeps {kept} of {plan.num_experts} experts"
+                          f"{' quantized ' + plan.quant if plan.quant else ''}, fewer than top-k = {top_k}")
     return kept
 
 
@@ -221,6 +279,7 @@ def method_statistics(plan: ExpertPlan, method: str, top_k: int, moe_layers: int
         else None, "density": plan.density if plan.weight_step == "magnitude" else None,
         "expert_params": entry(n * original.stored_values(), n * plan.stored_values()),
         "expert_bytes": {**entry(n * original.bytes(), n * plan.bytes()), "value_bytes": plan.value_bytes,
+                         "quantization": plan.quant,
                          "index": "bitmap, 1 bit per weight position" if plan.weight_step == "magnitude" else None},
         "total_params": entry(total_params, total_comp),
         "active_params_per_token": entry(active_orig, active_comp),

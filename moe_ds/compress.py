@@ -33,7 +33,8 @@ from transformers import AutoConfig
 
 from .arch import PROJECTIONS, get_architecture
 from .budget import (FACTORISED, BudgetError, ExpertPlan, canonical_method, density_for_budget,
-                     kept_experts_for_ratio, method_statistics, parse_method, rank_for_budget)
+                     kept_experts_for_budget, kept_experts_for_ratio, method_statistics, parse_method,
+                     rank_for_budget)
 from .checkpoint import (STATISTICS_FILE, finish_checkpoint, shared_core_config,
                          validate_compressed_checkpoint)
 from .dist import barrier, device_for, init_distributed, log_main
@@ -87,6 +88,9 @@ class CompressConfig:
     damping: float = 1e-2  # activation objective: Σ_e = M_e / n_e + damping · mean(diag) · I (relative, > 0)
     weighting: Weighting = "tokens"  # activation objective's w_e: tokens routed to e, router weight e received, or uniform
     shrinkage: float = 0.5  # shared_diag calibrations: expert e's moment D_e^½ ((1 − s) R + s I) D_e^½, s in [0, 1] (0: the shared correlations as they are)
+    quantize: str | None = None  # store the experts quantized (moe_ds.quantize spec: int4-g128, int8, int4-g64-asym-mse, ...); --target-ratio then counts packed bytes
+    quantize_router: str | None = None  # with --quantize: the router's spec (default int8 per output channel; none keeps it)
+    quantize_attention: str | None = None  # with --quantize: the attention projections' spec (default none)
 
     def __post_init__(self):
         """Raises CompressError naming the offending setting."""
@@ -94,6 +98,7 @@ class CompressConfig:
             structural, weight = parse_method(self.method)
         except BudgetError as err:
             raise CompressError(str(err)) from err
+        self._check_quantization(weight)
         self._check_budget(structural, weight)
         for name, choices in (("save_dtype", get_args(SaveDtype)), ("report_to", get_args(ReportTo)),
                               ("objective", get_args(Objective)), ("weighting", get_args(Weighting)),
@@ -114,6 +119,28 @@ class CompressConfig:
             self.fit_config()
         except ValueError as err:
             raise CompressError(str(err)) from err
+
+    def _check_quantization(self, weight: str | None) -> None:
+        """Parse the --quantize* specs (the router defaults to int8 once --quantize is given)."""
+        from .quantize import QuantizationError, QuantSpec
+
+        if self.quantize is None or str(self.quantize).lower() == "none":
+            self.quantize = None
+            if {self.quantize_router, self.quantize_attention} - {None, "none"}:
+                raise CompressError("--quantize-router and --quantize-attention need --quantize (the experts' spec)")
+            return
+        if self.quantize_router is None:
+            self.quantize_router = "int8"
+        for flag, text in (("quantize", self.quantize), ("quantize-router", self.quantize_router),
+                           ("quantize-attention", self.quantize_attention)):
+            if text is not None and str(text).lower() != "none":
+                try:
+                    QuantSpec.parse(text)
+                except QuantizationError as err:
+                    raise CompressError(f"--{flag} {text}: {err}") from err
+        if weight == "magnitude":
+            raise CompressError("method magnitude keeps float values and a bitmap; it cannot be combined with "
+                                f"--quantize {self.quantize}")
 
     def _check_budget(self, structural: str | None, weight: str | None) -> None:
         """Which of rank / target_ratio / num_experts / prune_threshold / sparsity each method takes."""
@@ -202,12 +229,15 @@ def _fingerprint(cfg: CompressConfig, model_config, rank: int, calibration=None,
     fit = asdict(cfg.fit_config())
     payload = {"model_config": model_config.to_json_string(use_diff=False), "rank": rank, "seed": cfg.seed, **fit}
     if setup is not None and setup.method != "shared_core":
-        payload.update(method=setup.method, plan=asdict(setup.plan), prune_score=cfg.prune_score,
+        plan = {k: v for k, v in asdict(setup.plan).items() if k != "quant" or v is not None}
+        payload.update(method=setup.method, plan=plan, prune_score=cfg.prune_score,
                        merge_similarity=cfg.merge_similarity, save_dtype=cfg.save_dtype,
                        kept={str(k): v.tolist() for k, v in (setup.kept or {}).items()})
     if calibration is not None:
         payload.update(calibration=calibration_fingerprint(calibration), objective=cfg.resolved_objective(),
                        damping=cfg.damping, weighting=cfg.weighting, shrinkage=cfg.shrinkage)
+    if cfg.quantize is not None:
+        payload.update(quantize=[cfg.quantize, cfg.quantize_router, cfg.quantize_attention])
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -290,6 +320,15 @@ class MethodSetup:
         return ", ".join(parts) or "dense experts"
 
 
+def _kept_for_ratio(cfg: CompressConfig, e: int, d: int, i: int, k: int, weight_step: str | None, save: str) -> int:
+    """Experts kept by prune/merge at --target-ratio: E'/E ≤ ratio, or alone under --quantize the most E' whose
+    quantized bytes fit (``budget.kept_experts_for_budget``)."""
+    if cfg.quantize is None or weight_step is not None:
+        return kept_experts_for_ratio(cfg.target_ratio, e, k)
+    return kept_experts_for_budget(cfg.target_ratio, ExpertPlan(e, d, i, e, None, value_bytes=dtype_bytes(save),
+                                                                quant=cfg.quantize), k)
+
+
 def plan_method(cfg: CompressConfig, model_config, reader: ExpertReader, calibration=None) -> MethodSetup:
     """Decide the experts kept, the rank or the density of ``cfg.method`` at its byte budget (``moe_ds.budget``).
 
@@ -319,15 +358,15 @@ def plan_method(cfg: CompressConfig, model_config, reader: ExpertReader, calibra
                       for layer in reader.layers}
             num_keep = cfg.num_experts
             if num_keep is None and cfg.prune_threshold is None:
-                num_keep = kept_experts_for_ratio(cfg.target_ratio, e, k)
+                num_keep = _kept_for_ratio(cfg, e, d, i, k, weight_step, save)
             kept = choose_experts(scores, num_keep=num_keep, threshold=cfg.prune_threshold, shares=shares,
                                   top_k=k, n_group=n_group, topk_group=topk_group)
             kept_count = len(next(iter(kept.values())))
         elif structural == "merge":
-            kept_count = cfg.num_experts or kept_experts_for_ratio(cfg.target_ratio, e, k)
+            kept_count = cfg.num_experts or _kept_for_ratio(cfg, e, d, i, k, weight_step, save)
             if not k <= kept_count <= e:
                 raise CompressError(f"merge to {kept_count} expert(s): needs top-k ({k}) <= experts <= {e}")
-        plan = ExpertPlan(e, d, i, kept_count, weight_step, value_bytes=dtype_bytes(save))
+        plan = ExpertPlan(e, d, i, kept_count, weight_step, value_bytes=dtype_bytes(save), quant=cfg.quantize)
         if weight_step in FACTORISED:
             rank = cfg.rank if cfg.rank is not None else rank_for_budget(cfg.target_ratio, plan)
             if rank > min(d, i):
@@ -341,6 +380,13 @@ def plan_method(cfg: CompressConfig, model_config, reader: ExpertReader, calibra
             plan = replace(plan, density=density)
     except (BudgetError, ExpertPruningError) as err:
         raise CompressError(str(err)) from err
+    if cfg.quantize is not None:  # the router's and attention's group sizes, against the source's shapes
+        from .quantized_checkpoint import QuantizedCheckpointError, plan_quantization
+
+        try:
+            plan_quantization(reader.model_dir, None, cfg.quantize_router, cfg.quantize_attention)
+        except QuantizedCheckpointError as err:
+            raise CompressError(str(err)) from err
     if plan.ratio() > 1 and not cfg.allow_larger:
         what = f"rank {plan.rank}" if weight_step in FACTORISED else cfg.method
         unit = "parameters" if weight_step in FACTORISED else "bytes"  # the same ratio at the original's dtype
@@ -759,9 +805,15 @@ def assemble(cfg: CompressConfig, model_dir: Path, model_config, reader: ExpertR
         table = error_table(per_layer, output_errors)
         (tmp / "reconstruction_errors.md").write_text(_error_text(cfg, rank, bool(output_errors), setup)
                                                       + f"\n\n{table}\n")
-        for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
-            os.replace(path, out / path.name)
-    validate_compressed_checkpoint(out)
+        written = tmp
+        if cfg.quantize is not None and setup is not None:
+            written = _quantize_assembled(cfg, tmp, tmp / "quantized", setup, reader)
+            stats = yaml.safe_load((written / STATISTICS_FILE).read_text())
+        for path in sorted(written.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
+            if path.is_file():
+                os.replace(path, out / path.name)
+    if cfg.quantize is None:
+        validate_compressed_checkpoint(out)
     if not cfg.keep_factors:
         shutil.rmtree(out / FACTORS_DIR)
     logger.info("wrote %s: expert parameters %s -> %s (ratio %.4f)\n%s", out, f"{stats['expert_params']['original']:,}",
@@ -815,6 +867,8 @@ def assemble_stock(cfg: CompressConfig, model_dir: Path, model_config, reader: E
         table = error_table(per_layer, output_errors) if any(per_layer.values()) or output_errors else ""
         (written / "reconstruction_errors.md").write_text(_error_text(cfg, 0, bool(output_errors), setup)
                                                           + f"\n\n{table}\n")
+        if cfg.quantize is not None:
+            written = _quantize_assembled(cfg, written, Path(tmp) / "quantized", setup, reader)
         for path in sorted(written.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
             os.replace(path, out / path.name)
     if not cfg.keep_factors:
@@ -823,6 +877,63 @@ def assemble_stock(cfg: CompressConfig, model_dir: Path, model_config, reader: E
     logger.info("wrote %s (stock %s, %d experts per layer): expert bytes %s -> %s (ratio %.4f)", out,
                 reader.arch.model_type, setup.plan.kept_experts, f"{stats['expert_bytes']['original']:,}",
                 f"{stats['expert_bytes']['compressed']:,}", stats["expert_bytes"]["ratio"])
+
+
+def _input_scales(cfg: CompressConfig, setup: MethodSetup, reader: ExpertReader):
+    """quantize_checkpoint's calibration for activation-weighted ranges of dense (stock) experts: layer ->
+    {"gate"|"up": [E', d], "down": [E', I]}, the RMS sqrt(E[x_k²]) of each expert's input channels (the
+    calibration's second-moment diagonals over the tokens routed to it). Pruned experts keep their own rows; merged
+    experts get the layer's pooled RMS [K] (a merged expert serves all its members' tokens). None without a
+    calibration, for factorised forms, or when the experts' spec has range "max"."""
+    from .calibrate import load_calibration
+    from .quantize import QuantSpec
+
+    if cfg.calibration is None or not setup.stock or QuantSpec.parse(cfg.quantize).range != "mse":
+        return None
+    calibration = load_calibration(cfg.calibration, AutoConfig.from_pretrained(reader.model_dir), reader.model_dir)
+
+    def layer_scales(layer: int) -> dict:
+        sums = calibration.layer(layer)
+        tokens = sums["tokens"].float().clamp_min(1)[:, None]
+        scales = {}
+        for name, projections in (("gate_up", ("gate", "up")), ("down", ("down",))):
+            moment = sums.get(f"{name}_diag")
+            if moment is None:
+                moment = torch.diagonal(sums[f"{name}_moment"], dim1=-2, dim2=-1)
+            if setup.structural == "merge":
+                rms = (moment.float().sum(0) / tokens.sum()).clamp_min(0).sqrt()
+            else:
+                rms = (moment.float() / tokens).clamp_min(0).sqrt()
+                if setup.kept is not None:
+                    rms = rms[setup.kept[layer]]
+            scales.update({p: rms for p in projections})
+        return scales
+
+    return layer_scales
+
+
+def _quantize_assembled(cfg: CompressConfig, src: Path, dst: Path, setup: MethodSetup, reader: ExpertReader) -> Path:
+    """--quantize: the assembled checkpoint in ``src`` packed into ``dst`` (``quantized_checkpoint``), its
+    statistics extended with the experts' exact quantized bytes against the original's (and the budget's figure,
+    which the same formula gives)."""
+    from .quantized_checkpoint import QuantizedCheckpointError, quantize_checkpoint
+
+    try:
+        written = quantize_checkpoint(src, dst, cfg.quantize, cfg.quantize_router, cfg.quantize_attention,
+                                      calibration=_input_scales(cfg, setup, reader))
+    except QuantizedCheckpointError as err:
+        raise CompressError(str(err)) from err
+    for name in ("reconstruction_errors.md",):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, written / name)
+    stats = yaml.safe_load((written / STATISTICS_FILE).read_text())
+    n = len(reader.layers)
+    exact = stats["quantization"]["bytes"]["experts"]["quantized"]
+    original = n * setup.plan.original_bytes()
+    stats["quantization"]["expert_bytes"] = {"original": original, "compressed": exact, "ratio": exact / original,
+                                             "budget": n * setup.plan.bytes()}
+    (written / STATISTICS_FILE).write_text(yaml.safe_dump(stats, sort_keys=False))
+    return written
 
 
 def _error_text(cfg: CompressConfig, rank: int, output: bool, setup: MethodSetup | None = None) -> str:

@@ -214,3 +214,78 @@ def test_stock_lm_eval_cli_evaluates_a_quantized_checkpoint(tmp_path, tiny_token
     cli = json.loads(next((tmp_path / "cli").rglob("results_*.json")).read_text())["results"][tasks["perplexity"]]
     assert cli["word_perplexity,none"] == pytest.approx(ours["word_perplexity"], rel=1e-5)
     assert cli["word_perplexity,none"] > 1
+
+
+# ------------------------------------------------------------------------------------ launch/compress.py --quantize
+
+E, D, I = 6, 32, 24  # the tiny Qwen3-MoE (fp32): experts, hidden, expert intermediate
+ORIGINAL = 2 * E * 3 * D * I * 4  # both MoE layers' routed experts in fp32
+
+
+def test_compress_quantize_buys_a_larger_shared_core_rank_at_the_same_bytes(tiny_lm_dir, tmp_path):
+    """int4-g8 (0.75 bytes per value against 4): at 0.25 of the bytes the fp32 shared core affords rank 0
+    (2304 + 6·336·r ≤ 3456 values), the quantized one rank 8 (0.75·(2304 + 6·336·r) ≤ 3456 bytes·4)."""
+    from moe_ds.compress import CompressConfig, compress
+
+    plain = compress(CompressConfig(model=str(tiny_lm_dir), output=str(tmp_path / "plain"), target_ratio=0.25,
+                                    steps=2))
+    quant = compress(CompressConfig(model=str(tiny_lm_dir), output=str(tmp_path / "q"), target_ratio=0.25, steps=2,
+                                    quantize=SPEC))
+    ranks = [json.loads((p / "config.json").read_text())["shared_core"]["ranks"]["gate"] for p in (plain, quant)]
+    assert ranks == [0, 8]
+    stats = yaml.safe_load((quant / "compression_statistics.yaml").read_text())["quantization"]
+    assert (stats["experts"], stats["router"]) == ("int4-g8", "int8")  # the router defaults to int8
+    expected = 2 * (3 * (24 * 4 * 4 + 24 * 4 * 2) + 3 * 2 * 6 * 8 * (4 * 4 + 4 * 2) + 3 * 2 * 6 * 8 * (3 * 4 + 3 * 2))
+    # cores [24, 32] x2 and [32, 24]: 576 bytes each; U_in/V_in stored [6, 8, d_in], U_out/V_out [6, 8, d_out]
+    assert stats["expert_bytes"] == {"original": ORIGINAL, "compressed": expected, "ratio": expected / ORIGINAL,
+                                     "budget": expected}
+    assert expected <= 0.25 * ORIGINAL
+    model = load_model(quant)
+    assert model.config.shared_core["ranks"] == {"gate": 8, "up": 8, "down": 8}
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 300, (1, 8))).logits).all()
+
+
+def test_compress_prune_quantized_with_calibration_ranges(tiny_lm_dir, tmp_path):
+    """prune alone under --quantize: the experts kept are the most whose packed bytes fit (3 of 6 at 0.1: 1728 bytes
+    per int4-g8 expert, 5529.6 allowed per layer); -mse with a calibration weights the ranges by the inputs' RMS."""
+    from test_activation_objective import write_calibration
+
+    from moe_ds.compress import CompressConfig, compress
+
+    cal = write_calibration(tmp_path / "cal", tiny_lm_dir)
+    out = compress(CompressConfig(model=str(tiny_lm_dir), output=str(tmp_path / "p"), method="prune",
+                                  target_ratio=0.1, calibration=str(cal), quantize=SPEC + "-mse",
+                                  quantize_router="none"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "quantized_qwen3_moe" and config["moe_ds_quantization"]["calibration"] is True
+    assert config["moe_ds_quantization"]["router"] is None
+    stats = yaml.safe_load((out / "compression_statistics.yaml").read_text())
+    assert stats["quantization"]["expert_bytes"]["compressed"] == 2 * 3 * 1728 <= 0.1 * ORIGINAL
+    model = load_model(out)
+    assert model.config.num_experts == 3
+    # the weighted ranges differ from the unweighted ones on some group (same kept experts, same values otherwise)
+    plain = compress(CompressConfig(model=str(tiny_lm_dir), output=str(tmp_path / "p2"), method="prune",
+                                    target_ratio=0.1, calibration=str(cal), quantize=SPEC, quantize_router="none"))
+    a, b = stored(out), stored(plain)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "int4-g16"], "--quantize int4-g16: group size 16 does not divide the input dimension K=24"),
+    (["--quantize", "int3"], "--quantize int3: unsupported quantized dtype 'int3'"),
+    (["--quantize-router", "int8"], "--quantize-router and --quantize-attention need --quantize"),
+    (["--quantize", "int4-g8", "--quantize-router", "int8-g5"], "group size 5 does not divide"),
+])
+def test_compress_bad_quantization_is_one_line_exit_2_and_writes_nothing(args, message, tiny_lm_dir, tmp_path,
+                                                                         capsys):
+    from conftest import load_launcher
+
+    from moe_ds.cli import run
+
+    module = load_launcher("compress")
+    argv = ["--model", str(tiny_lm_dir), "--output", str(tmp_path / "out"), "--target-ratio", "0.25", *args]
+    code = run("compress", lambda: module.main(argv), errors=module.ERRORS)
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
