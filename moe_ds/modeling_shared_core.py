@@ -229,16 +229,46 @@ def _set_tensor(model, name: str, tensor) -> None:
         raise QuantizedLoadError(f"the checkpoint holds {name!r}, which {type(model).__name__} does not have")
 
 
-class _StockExperts:
-    """Collects a stock checkpoint's per-expert keys into the fused in-memory tensors of each MoE layer."""
+class _Sink:
+    """Puts loaded tensors into the model: assigned in place of meta tensors, or under ZeRO-3 copied into the
+    partitioned parameters (gathered on every rank, written by rank 0, re-partitioned), one tensor at a time."""
 
-    def __init__(self, model, arch, dtype, device):
-        self.model, self.arch, self.dtype, self.device = model, arch, dtype, device
+    def __init__(self, model, zero3: bool):
+        self.model, self.zero3, self.loaded = model, zero3, set()
+
+    def put(self, name: str, tensor) -> None:
+        self.loaded.add(name)
+        if not self.zero3:
+            _set_tensor(self.model, name, tensor)
+            return
+        import deepspeed
+        import torch
+
+        module_name, _, attr = name.rpartition(".")
+        module = self.model.get_submodule(module_name)
+        if attr in module._buffers:
+            module._buffers[attr] = tensor.to(module._buffers[attr].device)
+            return
+        if attr not in module._parameters:
+            raise QuantizedLoadError(f"the checkpoint holds {name!r}, which {type(self.model).__name__} does not have")
+        param = module._parameters[attr]
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                with torch.no_grad():
+                    param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+
+
+class _StockExperts:
+    """Collects a stock checkpoint's per-expert keys and puts each MoE layer's fused in-memory tensors
+    (``gate_up_proj`` [E, 2I, d], gate rows first; ``down_proj`` [E, d, I]) once all its experts are read."""
+
+    def __init__(self, model, arch, sink: _Sink):
+        self.model, self.arch, self.sink = model, arch, sink
         key = re.escape(arch.disk_expert_key).replace(r"\{layer\}", r"(?P<layer>\d+)")
         key = key.replace(r"\{expert\}", r"(?P<expert>\d+)").replace(r"\{proj\}", r"(?P<proj>\w+)")
         self.pattern = re.compile(f"^{key}$")
         self.proj = {v: k for k, v in arch.disk_proj_names.items()}
-        self.filled: set = set()
+        self.pending: dict = {}
 
     def take(self, key: str, tensor) -> bool:
         import torch
@@ -249,17 +279,14 @@ class _StockExperts:
         layer, e, proj = int(m.group("layer")), int(m.group("expert")), self.proj[m.group("proj")]
         name = f"model.layers.{layer}.{self.arch.moe_block}.{self.arch.experts}"
         experts = self.model.get_submodule(name)
-        attr = "down_proj" if proj == "down" else "gate_up_proj"
-        param = getattr(experts, attr)
-        if param.device.type == "meta":
-            param = torch.empty(param.shape, dtype=self.dtype, device=self.device)
-            _set_tensor(self.model, f"{name}.{attr}", param)
-            param = getattr(experts, attr)
-        i = param.shape[1] // 2
-        rows = {"gate": slice(0, i), "up": slice(i, 2 * i), "down": slice(None)}[proj]
-        with torch.no_grad():
-            param[e, rows].copy_(tensor)
-        self.filled.add((layer, e, proj))
+        num = int(getattr(experts.down_proj, "ds_shape", experts.down_proj.shape)[0])
+        got = self.pending.setdefault(layer, {})
+        got[(proj, e)] = tensor
+        if len(got) == 3 * num:
+            gate_up = torch.stack([torch.cat([got[("gate", j)], got[("up", j)]]) for j in range(num)])
+            self.sink.put(f"{name}.gate_up_proj", gate_up)
+            self.sink.put(f"{name}.down_proj", torch.stack([got[("down", j)] for j in range(num)]))
+            del self.pending[layer]
         return True
 
 
@@ -270,7 +297,10 @@ def load_quantized(model_cls, path, config, dtype=None, device_map=None, **kwarg
     Shards are read one at a time (``safe_open``); each packed tensor is moved to the target device packed, unpacked
     there and dequantized one matrix at a time in float32 into a ``dtype`` tensor, so no full float32 (or host)
     copy of the model is made. Other floating tensors are cast to ``dtype`` (``_keep_in_fp32_modules_strict``, e.g.
-    DeepSeek-V3's ``e_score_correction_bias``, stay float32).
+    DeepSeek-V3's ``e_score_correction_bias``, stay float32). Under an active ZeRO-3 ``HfDeepSpeedConfig`` (every
+    rank loads, as distillation does) the model is built partitioned inside ``deepspeed.zero.Init`` in the DeepSpeed
+    config's dtype, and each tensor (a stock layer's fused experts once all its experts are read) is dequantized on
+    the CPU and copied into its gathered parameter by rank 0; every rank reads the files.
 
     Args:
         model_cls: the quantized checkpoint's class (``Quantized*ForCausalLM`` or ``SharedCore*ForCausalLM``).
@@ -316,18 +346,33 @@ def load_quantized(model_cls, path, config, dtype=None, device_map=None, **kwarg
         target_config.architectures = [target_cls.__name__]
     if attn is not None:
         target_config._attn_implementation = attn
-    with torch.device("meta"):
-        model = target_cls(target_config)
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    zero3 = is_deepspeed_zero3_enabled()
+    if zero3:  # partitioned at construction (zero.Init), filled tensor by tensor; read on the CPU
+        import deepspeed
+        from transformers.integrations.deepspeed import deepspeed_config
+
+        if dispatch is not None:
+            raise QuantizedLoadError("device_map cannot dispatch a model partitioned by DeepSpeed ZeRO-3")
+        device = torch.device("cpu")
+        # the DeepSpeed config's dtype (bf16/fp16 sections) rules here, as in transformers' own ZeRO-3 loading;
+        # zero.Init's dtype argument is not used (deepspeed 0.19 ignores it on accelerators without fp16)
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+            model = target_cls(target_config)
+    else:
+        with torch.device("meta"):
+            model = target_cls(target_config)
+    sink = _Sink(model, zero3)
     keep_fp32 = tuple(getattr(target_cls, "_keep_in_fp32_modules_strict", None) or ()) + tuple(
         getattr(target_cls, "_keep_in_fp32_modules", None) or ())
-    stock = None if target_cls is model_cls else _StockExperts(model, arch, dtype, device)
+    stock = None if target_cls is model_cls else _StockExperts(model, arch, sink)
     weight_map = _weight_map(path)
     packed = {}  # parameter key -> {entry: stored key}
     for key in weight_map:
         base, _, entry = key.rpartition(".")
         if entry in ENTRY_NAMES and base in section.get("tensors", {}):
             packed.setdefault(base, {})[entry] = key
-    loaded = set()
     for shard in sorted(set(weight_map.values())):
         with safe_open(f"{path}/{shard}", framework="pt") as f:
             names = set(f.keys())
@@ -339,8 +384,7 @@ def load_quantized(model_cls, path, config, dtype=None, device_map=None, **kwarg
                                  bool(transposed.search(base)))
                 done |= set(entries.values())
                 if stock is None or not stock.take(base, t):
-                    _set_tensor(model, arch.disk_to_memory(base), t)
-                    loaded.add(arch.disk_to_memory(base))
+                    sink.put(arch.disk_to_memory(base), t)
             for key in sorted(names - done):
                 t = f.get_tensor(key)
                 name = arch.disk_to_memory(key)
@@ -348,8 +392,7 @@ def load_quantized(model_cls, path, config, dtype=None, device_map=None, **kwarg
                     t = t.to(torch.float32 if any(s in name for s in keep_fp32) else dtype)
                 t = t.to(device)
                 if stock is None or not stock.take(key, t):
-                    _set_tensor(model, name, t)
-                    loaded.add(name)
+                    sink.put(name, t)
     model.tie_weights()
     for name, module in model.named_modules():  # non-persistent buffers (rotary inv_freq) are rebuilt
         if any(b is not None and b.device.type == "meta" for b in module._buffers.values()):
@@ -359,7 +402,13 @@ def load_quantized(model_cls, path, config, dtype=None, device_map=None, **kwarg
                 fresh = type(module)(module.config)
             for b, value in fresh._buffers.items():
                 module._buffers[b] = value
-    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+    if zero3:
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+        persistent = {n for n, _ in model.named_buffers()} - {n for n, _ in model.named_non_persistent_buffers()}
+        missing = sorted(({n for n, _ in model.named_parameters()} | persistent) - sink.loaded - tied)
+    else:
+        missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+                   if p.device.type == "meta"]
     if missing:
         raise QuantizedLoadError(f"{path}: {len(missing)} tensors of {target_cls.__name__} are not in the checkpoint "
                                  f"(e.g. {', '.join(missing[:5])})")

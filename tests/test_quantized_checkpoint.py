@@ -289,3 +289,34 @@ def test_compress_bad_quantization_is_one_line_exit_2_and_writes_nothing(args, m
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_zero3_loading_partitions_and_holds_the_dequantized_values(sources, tmp_path, monkeypatch):
+    """Under an active HfDeepSpeedConfig (ZeRO-3, one gloo rank in-process) the quantized stock and shared-core
+    checkpoints load partitioned at construction, and gathered they equal our plain load."""
+    import deepspeed.comm.torch
+
+    from moe_ds.dist import free_port
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(sys.modules["deepspeed.comm.torch"], "build_shm_op", lambda: None)  # CPU_DEEPSPEED.md
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    expected = {kind: load_model(quantize_checkpoint(sources / kind, tmp_path / kind, experts=SPEC))
+                for kind in ("pruned", "shared_core")}
+    ds_config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1,
+                                   "train_batch_size": 1})
+    try:
+        for kind, ref in expected.items():
+            model = load_model(tmp_path / kind)
+            params = dict(model.named_parameters())
+            assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in params.values())  # partitioned
+            with deepspeed.zero.GatheredParameters(list(params.values())):
+                for name, p in ref.named_parameters():
+                    assert torch.equal(params[name].data, p.data), (kind, name)
+    finally:
+        del ds_config
