@@ -7,9 +7,13 @@
     LOCAL_SIZE=2 OMP_NUM_THREADS=1 deepspeed --include localhost:0,1 launch/compress.py \\
         --model runs/toy/teacher --output runs/toy/compressed --target-ratio 0.28      # CPU
     python launch/compress.py --model runs/toy/teacher --output runs/toy/compressed --rank 8   # one process
+    python launch/compress.py --model runs/toy/teacher --output runs/toy/q4 --target-ratio 0.25 --quantize int4-g64
 
 --method shared_core (default), lowrank, delta, merge, prune or magnitude, or a structural step first
 (prune,shared_core --num-experts 64 --rank 32 --calibration CAL); --target-ratio counts expert-storage bytes for every method.
+--quantize int4-g128 stores the experts packed (--quantize-router int8 by default, none keeps it; --quantize-attention
+optional; -mse ranges, with --calibration activation-weighted for dense experts); --target-ratio then counts the
+packed bytes (values + scales + zero points). Loading dequantizes to bf16/fp32: storage quantization, no int4 kernels.
 (DeepSpeed's launcher rejects the range form localhost:0-7; list the GPUs or use --num_gpus 8.)
 Rerunning the same command resumes: layers already fitted are skipped.
 """

@@ -39,6 +39,7 @@ from .checkpoint import (STATISTICS_FILE, finish_checkpoint, shared_core_config,
                          validate_compressed_checkpoint)
 from .dist import barrier, device_for, init_distributed, log_main
 from .model_files import CompressError, ExpertReader, resolve_model_dir  # re-exported: the stage's API
+from .modeling_shared_core import QUANTIZATION_KEY
 from .fit import (FitConfig, Init, Optimizer, Weighting, eckart_young_error, expert_weights, fit_projection,
                   output_error, projection_moments, relative_error, whitening)
 from .run_layout import atomic_file, check_output_dir, remove_stale_temporaries, write_atomic
@@ -613,7 +614,9 @@ def compress(cfg: CompressConfig) -> Path:
     if not (model_dir / "config.json").is_file():
         raise CompressError(f"{model_dir} has no config.json: not a model directory")
     try:
-        json.loads((model_dir / "config.json").read_text())
+        if QUANTIZATION_KEY in json.loads((model_dir / "config.json").read_text()):
+            raise CompressError(f"{model_dir} is a quantized checkpoint ({QUANTIZATION_KEY}); compress its "
+                                f"unquantized source, or write a dequantized copy first (moe_ds.checkpoint.export_dense)")
         model_config = AutoConfig.from_pretrained(model_dir)
     except json.JSONDecodeError as err:
         raise CompressError(f"{model_dir / 'config.json'} is not valid JSON ({err})") from err

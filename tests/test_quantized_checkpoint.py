@@ -94,7 +94,7 @@ def test_loaded_tensors_are_exactly_the_dequantized_packed_ones(sources, tmp_pat
         assert torch.equal(in_memory(model, key), t), key
     assert "moe_ds_quantization" not in model.config.to_dict()  # the model in memory is dequantized
     # bf16 load: each parameter is dequantize(..., bf16) of the same entries, no float32 left
-    bf = load_model(q, dtype=torch.bfloat16, device_map={"": "cpu"})
+    bf = load_model(q, dtype=torch.bfloat16, device_map={"": "cpu"} if kind != "pruned" else "auto")
     assert {p.dtype for p in bf.parameters()} == {torch.bfloat16}
     for key, w in packed.items():
         assert torch.equal(in_memory(bf, key), w.to(torch.bfloat16)), key
@@ -272,6 +272,7 @@ def test_compress_prune_quantized_with_calibration_ranges(tiny_lm_dir, tmp_path)
 
 
 @pytest.mark.parametrize("args, message", [
+    (["--model", "{q}"], "is a quantized checkpoint (moe_ds_quantization); compress its unquantized source"),
     (["--quantize", "int4-g16"], "--quantize int4-g16: group size 16 does not divide the input dimension K=24"),
     (["--quantize", "int3"], "--quantize int3: unsupported quantized dtype 'int3'"),
     (["--quantize-router", "int8"], "--quantize-router and --quantize-attention need --quantize"),
@@ -283,6 +284,9 @@ def test_compress_bad_quantization_is_one_line_exit_2_and_writes_nothing(args, m
 
     from moe_ds.cli import run
 
+    if "{q}" in args:
+        q = quantize_checkpoint(tiny_lm_dir, tmp_path / "q", experts=SPEC)
+        args = [a.format(q=q) for a in args]
     module = load_launcher("compress")
     argv = ["--model", str(tiny_lm_dir), "--output", str(tmp_path / "out"), "--target-ratio", "0.25", *args]
     code = run("compress", lambda: module.main(argv), errors=module.ERRORS)
