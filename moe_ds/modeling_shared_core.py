@@ -423,21 +423,24 @@ def load_quantized(model_cls, path, config, dtype=None, device_map=None, **kwarg
 
 
 class _QuantizedLoadMixin:
-    """``from_pretrained`` of a folder with a ``moe_ds_quantization`` section dequantizes it (``load_quantized``)."""
+    """``from_pretrained`` of a local folder whose config has a ``moe_ds_quantization`` section dequantizes it
+    (``load_quantized``); anything else goes to transformers' ``from_pretrained`` untouched."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
-        if config is None or isinstance(config, (str, bytes)) or not hasattr(config, "to_dict"):
-            from transformers import AutoConfig
+        import json
+        from pathlib import Path
 
-            config = cls.config_class.from_pretrained(pretrained_model_name_or_path) if config is None else \
-                AutoConfig.from_pretrained(config, trust_remote_code=True)
-        if quantization_section(config) is None:
+        path = Path(str(pretrained_model_name_or_path))
+        if config is None or not hasattr(config, "to_dict"):
+            raw = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+            if QUANTIZATION_KEY in raw:
+                config = cls.config_class.from_pretrained(path)
+        if config is None or not hasattr(config, "to_dict") or quantization_section(config) is None:
             return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
         if args:
             raise QuantizedLoadError(f"positional model arguments {args!r} are not supported for quantized loading")
-        return load_quantized(cls, pretrained_model_name_or_path, config, kwargs.pop("dtype", None),
-                              kwargs.pop("device_map", None), **kwargs)
+        return load_quantized(cls, path, config, kwargs.pop("dtype", None), kwargs.pop("device_map", None), **kwargs)
 
 
 class _SharedCoreMixin:
