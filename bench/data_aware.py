@@ -107,6 +107,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--heldout-tokens", type=int, default=1024, help="calibration tokens kept for the output error")
     ap.add_argument("--eval-windows", type=int, default=64, help="held-out windows of --seq-len tokens")
+    ap.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=STRUCTURES,
+                    help="moment structures of the activation runs (each needs its own calibration)")
     ap.add_argument("--nproc", type=int, default=2, help="CPU ranks per launcher command")
     ap.add_argument("--workdir", help="keep calibrations, students and logs here (default: a temporary folder)")
     args = ap.parse_args()
@@ -128,7 +130,7 @@ def main():
               f"{windows.shape[1]} tokens of {heldout}", flush=True)
 
         calibration_seconds = {}
-        for structure in STRUCTURES:
+        for structure in dict.fromkeys(["full", *args.structures]):  # the weight run reports on the full one
             calibration_seconds[structure] = run_stage(
                 f"calibrate_{structure}", launcher("calibrate.py", args.nproc) + [
                     "--model", str(teacher), "--data", str(train), "--output", str(work / f"cal_{structure}"),
@@ -137,8 +139,8 @@ def main():
             print(f"# calibration ({structure} moments): {args.num_sequences} x {args.seq_len} tokens of {train} in "
                   f"{calibration_seconds[structure]:.1f} s on {args.nproc} rank(s)", flush=True)
 
-        variants = {"weight": ("full", "weight"), "activation (full)": ("full", "activation"),
-                    "activation (shared_diag)": ("shared_diag", "activation")}
+        variants = {"weight": ("full", "weight"),
+                    **{f"activation ({s})": (s, "activation") for s in STRUCTURES if s in args.structures}}
         rows = []
         for ratio in args.ratios:
             for name, (structure, objective) in variants.items():

@@ -72,18 +72,19 @@ def test_data_aware_benchmark_runs_the_launchers_and_prints_its_table(tiny_lm_di
     text.write_text("".join(json.dumps({"text": stdlib_text[i:i + 4000]}) + "\n" for i in range(0, 80_000, 4000)))
     args = ["--teacher", str(tiny_lm_dir), "--calibration-data", str(text), "--heldout", str(text), "--ratios", "0.5",
             "--steps", "2", "--num-sequences", "4", "--seq-len", "32", "--heldout-tokens", "32", "--eval-windows", "4",
-            "--nproc", "1", "--workdir", str(tmp_path / "work")]
+            "--structures", "full", "--nproc", "1", "--workdir", str(tmp_path / "work")]
     out = subprocess.run([sys.executable, str(REPO / "bench" / "data_aware.py"), *args], check=False,
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     for text in HEADER + ["| target | rank | expert params |", "calibration s: full moments",
-                          "activation (full): gap / weight gap", "activation (shared_diag): gap / weight gap"]:
+                          "activation (full): gap / weight gap"]:
         assert text in out.stdout, (text, out.stdout)
+    assert "shared_diag" not in out.stdout.split("# command:")[1].split("\n", 1)[1]  # --structures full: not run
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| 0.5 |")]
-    assert [r[3].strip() for r in rows] == ["weight", "activation (full)", "activation (shared_diag)"], out.stdout
+    assert [r[3].strip() for r in rows] == ["weight", "activation (full)"], out.stdout
     for r in rows:  # a rank, a parameter ratio within the budget, a finite perplexity and output error
         assert int(r[1]) >= 0 and 0 < float(r[2]) <= 0.5 and float(r[4]) > 1 and 0 <= float(r[7]) < 10, r
-    for name in ("cal_full", "cal_shared_diag", "r0.5_weight_full", "r0.5_activation_shared_diag"):
+    for name in ("cal_full", "r0.5_weight_full", "r0.5_activation_full"):
         assert (tmp_path / "work" / name).is_dir(), name  # --workdir keeps what was run
     # compress_config.json records the rank --target-ratio resolved to (it wrote null before)
     run_config = json.loads((tmp_path / "work" / "r0.5_weight_full" / "compress_config.json").read_text())
