@@ -8,6 +8,9 @@ that ended the previous stage with only the experts its routers used most during
 which every checkpoint holds), chosen by rank 0 (``prune_at_boundary``) and recorded in ``pruning_history.json``.
 A student whose config has ``moe_ds_sparsity`` with ``keep_masks`` keeps its pruned expert weights at exactly zero
 (``moe_ds.sparsity.MaskedGradients``).
+A stage with ``quantization`` trains with fake-quantized expert and router weights (``moe_ds.qat``, straight-through
+gradients to the latent weights); its last checkpoint is also written quantized to ``<output>/quantized-<step>/``
+and then holds the fake-quantized (dequantized) weights itself, which the next stage trains.
 Every refusal happens in ``prepare``, before DeepSpeed or the weights are touched. Settings live in
 ``moe_ds.distill_config``, parameter groups in ``moe_ds.distill_params``, the Trainer in
 ``moe_ds.distill_trainer``; their public names are re-exported here.
@@ -30,18 +33,20 @@ import torch
 from .checkpoint import (CheckpointError, is_compressed_checkpoint, load_model, read_weight_shapes,
                          validate_compressed_checkpoint)
 from .dist import all_reduce_sum, barrier, dist_info, log_main, setup_logging
+from .arch import UnsupportedModelError
 from .distill_config import (CONFIG_FILE, DEFAULT_DEEPSPEED, DistillConfig, DistillConfigError, GroupConfig,
-                             PruneConfigError, StageConfig, check_deepspeed_config, parse_group, stage_from_groups)
+                             PruneConfigError, QATConfigError, StageConfig, check_deepspeed_config, parse_group, stage_from_groups)
 from .distill_params import ResolvedGroup, apply_groups, log_groups, resolve_groups
 from .distill_trainer import LOG_FILE, PROBE_ENV, DistillDataset, DistillTrainer, distill_loss, training_arguments
+from .qat import QUANTIZED_PREFIX, FakeQuantization, check_shapes
 from .run_layout import (CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, check_output_dir, checkpoint_step,
                          complete_checkpoints, has_training_state, write_atomic, write_json_atomic)
 from .sparsity import USAGE_FILE, ExpertUsage, SparsityError, load_usage, read_sparsity_section
 from .teacher_cache import CacheFormatError, TeacherCacheDataset
 
 __all__ = ["CONFIG_FILE", "DEFAULT_DEEPSPEED", "HISTORY_FILE", "LOG_FILE", "PROBE_ENV", "PRUNED_PREFIX",
-           "PRUNING_RECORD", "CheckpointWriteError", "DistillConfig", "DistillConfigError", "DistillDataset",
-           "DistillTrainer", "GroupConfig", "Prepared", "PruneConfigError", "ResolvedGroup", "StageConfig",
+           "PRUNING_RECORD", "QUANTIZED_PREFIX", "CheckpointWriteError", "DistillConfig", "DistillConfigError", "DistillDataset",
+           "DistillTrainer", "GroupConfig", "Prepared", "PruneConfigError", "QATConfigError", "ResolvedGroup", "StageConfig",
            "apply_groups", "check_deepspeed_config", "distill_loss", "experts_per_stage", "log_groups", "parse_group",
            "prepare", "prune_at_boundary", "resolve_groups", "run_distill", "stage_from_groups", "training_arguments"]
 
@@ -82,8 +87,8 @@ def _student_config(cfg: DistillConfig):
         raise CheckpointError(f"student {path}: cannot read its config: {e}") from e
 
 
-def _param_names(config, trust_remote_code: bool, num_experts: int | None = None) -> list[tuple[str, int]]:
-    """(name, numel) of every parameter, from a model built on the meta device (no memory, no weights);
+def _param_shapes(config, trust_remote_code: bool, num_experts: int | None = None) -> list[tuple[str, torch.Size]]:
+    """(name, shape) of every parameter, from a model built on the meta device (no memory, no weights);
     ``num_experts``: as if every MoE layer held that many experts (a stage after ``prune_to``)."""
     from transformers import AutoModelForCausalLM
 
@@ -98,7 +103,7 @@ def _param_names(config, trust_remote_code: bool, num_experts: int | None = None
             model = shared_core_classes(config.model_type)[1](config)
         else:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return [(n, p.numel()) for n, p in model.named_parameters()]
+    return [(n, p.shape) for n, p in model.named_parameters()]
 
 
 def _check_positions(cfg: DistillConfig, seq_len: int, text_config) -> None:
@@ -225,8 +230,14 @@ def prepare(cfg: DistillConfig) -> Prepared:
     for i, s in enumerate(cfg.stages):
         n = None if counts is None else counts[i]
         if n not in names:
-            names[n] = _param_names(config, cfg.trust_remote_code, n)
-        groups.append(resolve_groups(names[n], s, cfg.learning_rate, cfg.weight_decay))
+            names[n] = _param_shapes(config, cfg.trust_remote_code, n)
+        groups.append(resolve_groups([(k, v.numel()) for k, v in names[n]], s, cfg.learning_rate, cfg.weight_decay))
+        if s.quantization is not None:
+            try:
+                check_shapes(names[n], s.quantization, config.model_type, f"{_stage_label(cfg, i)}: ")
+            except UnsupportedModelError as e:
+                raise QATConfigError(f"{_stage_label(cfg, i)}: quantization needs a MoE student of a supported "
+                                     f"family: {e}") from e
 
     output = Path(cfg.output)
     done = complete_checkpoints(output) if output.is_dir() else []
@@ -273,6 +284,10 @@ def _clean_after(output: Path, step: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
     for p in output.glob(f".{PRUNED_PREFIX}*"):  # a pruned model being written when the run stopped
         shutil.rmtree(p, ignore_errors=True)
+    for p in output.glob(f"{QUANTIZED_PREFIX}*"):  # the quantized end of a QAT stage past the resume point
+        s = p.name[len(QUANTIZED_PREFIX):]
+        if p.is_dir() and s.isdigit() and int(s) > step:
+            shutil.rmtree(p, ignore_errors=True)
     history = output / HISTORY_FILE
     if history.is_file():
         write_json_atomic(history, [h for h in json.loads(history.read_text()) if h["step"] <= step])
@@ -472,6 +487,14 @@ def run_distill(cfg: DistillConfig) -> Path | None:
         model.config.use_cache = False
         sparsity = read_sparsity_section(model.config)
         usage = _expert_usage(model, resume, start)
+        quantization = cfg.stages[i].quantization
+        qat = None
+        if quantization is not None:
+            # Before the engine: the wrapped forwards run inside ZeRO-3's gather/release hooks of each module.
+            qat = FakeQuantization(model, quantization["experts"], quantization["router"])
+            log_main("quantization-aware training: %d expert/router tensors fake-quantized in the forward "
+                     "(experts %s, router %s); the stage's last checkpoint is written quantized to %s%d/",
+                     qat.num_tensors, quantization["experts"], quantization["router"], QUANTIZED_PREFIX, end)
         log_groups(i, cfg.stages[i], prep.groups[i])
         if any(g.frozen for g in prep.groups[i]):
             # ZeRO-3 re-gathers a module's parameters before its backward through hooks on tensors that require
@@ -486,7 +509,7 @@ def run_distill(cfg: DistillConfig) -> Path | None:
                                  processing_class=prep.tokenizer, distill_cfg=cfg, stage_index=i,
                                  groups=prep.groups[i], ds_cfg=prep.ds_cfg,
                                  sparsity=sparsity if sparsity is not None and sparsity["keep_masks"] else None,
-                                 usage=usage)
+                                 usage=usage, qat=qat)
         try:
             trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         except BaseException as e:

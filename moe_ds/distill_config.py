@@ -27,6 +27,11 @@ class PruneConfigError(DistillConfigError):
     """A stage's ``prune_to``/``prune_score`` cannot be applied (bad value, no usage yet, too few or many experts)."""
 
 
+class QATConfigError(DistillConfigError):
+    """A stage's ``quantization`` (quantization-aware training) cannot be applied: a bad spec or key, a group size
+    that does not divide a weight it would quantize, or nothing to quantize."""
+
+
 PRUNE_SCORES = ("frequency", "router_weight")  # StageConfig.prune_score: tokens routed, or routing weight summed
 
 
@@ -61,9 +66,15 @@ class StageConfig:
     name: str = ""  # shown in logs
     prune_to: int | None = None  # keep this many experts per MoE layer from this stage on (chosen at its start)
     prune_score: str = "frequency"  # what ranks experts for prune_to: "frequency" (tokens) or "router_weight"
+    # quantization-aware training: {"experts": "int4-g128", "router": "int8"} fake-quantizes those weights in the
+    # forward (straight-through), and the stage's last checkpoint is written quantized (moe_ds.qat)
+    quantization: dict | None = None
 
     def __post_init__(self):
+        from .qat import parse_quantization
+
         self.groups = [_nested(GroupConfig, g, "group") for g in self.groups]
+        self.quantization = parse_quantization(self.quantization, f"stage {self.name!r}: ")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise DistillConfigError(f"stage {self.name!r}: steps must be an integer >= 1, got {self.steps!r}")
         if not self.default_lr_mult >= 0:

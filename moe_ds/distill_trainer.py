@@ -20,6 +20,7 @@ from .dist import all_reduce_sum, barrier, disable_deepspeed_shm_op, dist_info, 
 from .distill_config import DistillConfig, offloads_optimizer
 from .distill_params import ResolvedGroup, apply_groups
 from .kd_loss import KDLoss, chunked_kd_loss
+from .qat import QUANTIZED_PREFIX, FakeQuantization, fake_quantize_checkpoint, write_quantized
 from .run_layout import CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, prune_training_state, write_atomic, write_json_atomic
 from .sparsity import USAGE_FILE, ExpertUsage, MaskedGradients, dense_expert_parameters
 from .teacher_cache import TeacherCacheDataset
@@ -88,7 +89,7 @@ class DistillTrainer(Trainer):
 
     def __init__(self, *, distill_cfg: DistillConfig, stage_index: int, groups: list[ResolvedGroup],
                  ds_cfg: dict | None = None, sparsity: dict | None = None, usage: ExpertUsage | None = None,
-                 **kwargs):
+                 qat: FakeQuantization | None = None, **kwargs):
         """``kwargs`` go to ``Trainer``; the stage's checkpoint and log callbacks are added to its ``callbacks``.
 
         Args:
@@ -97,14 +98,18 @@ class DistillTrainer(Trainer):
                 held at zero is logged as ``zeros_held``.
             usage: router usage counters (``moe_ds.sparsity.ExpertUsage``) fed by the training forwards and saved
                 as ``expert_usage.json`` in every checkpoint.
+            qat: the stage's fake quantization (``moe_ds.qat.FakeQuantization``, already installed on the model):
+                its relative error is logged as ``fq_error`` (experts) and ``fq_error_router``; the stage's last
+                checkpoint is written quantized (``CheckpointCallback``).
         """
         start, end = distill_cfg.stage_bounds()[stage_index]
         callbacks = [*(kwargs.pop("callbacks", None) or []),
-                     CheckpointCallback(end, stage_index, distill_cfg.keep_training_state, usage, start),
+                     CheckpointCallback(end, stage_index, distill_cfg.keep_training_state, usage, start,
+                                        distill_cfg.stages[stage_index].quantization if qat is not None else None),
                      JsonlLogCallback()]
         super().__init__(callbacks=callbacks, **kwargs)
         self.distill_cfg, self.stage_index, self.groups, self.ds_cfg = distill_cfg, stage_index, groups, ds_cfg
-        self.sparsity, self.usage, self.masks = sparsity, usage, None
+        self.sparsity, self.usage, self.masks, self.qat = sparsity, usage, None, qat
         self.stage, self.stage_start = distill_cfg.stages[stage_index], start
         self._kd_sums = torch.zeros(3, dtype=torch.float64)  # ce sum, kl sum, micro-batches since the last log
         self._tokens = 0
@@ -199,14 +204,20 @@ class DistillTrainer(Trainer):
             logs["stage"] = self.stage_index + 1
             if self.masks is not None:
                 logs["zeros_held"] = self.masks.zeros()[0]
+            if self.qat is not None:
+                errors = self.qat.error()
+                if "experts" in errors:
+                    logs["fq_error"] = float(f"{errors['experts']:.6g}")
+                if "router" in errors:
+                    logs["fq_error_router"] = float(f"{errors['router']:.6g}")
             self._kd_sums.zero_()
             self._tokens, self._last_log_time = 0, now
         super().log(logs, start_time)
 
 
     def remove_hooks(self) -> None:
-        """Drop the gradient masks and usage hooks from the model (the stage is over)."""
-        for hooks in (self.masks, self.usage):
+        """Drop the gradient masks, usage hooks and fake quantization from the model (the stage is over)."""
+        for hooks in (self.masks, self.usage, self.qat):
             if hooks is not None:
                 hooks.remove()
 
@@ -218,9 +229,9 @@ class CheckpointCallback(TrainerCallback):
     checkpoint; the evaluator reads only the weights)."""
 
     def __init__(self, stage_end: int, stage_index: int, keep_training_state: int | None = 1,
-                 usage: ExpertUsage | None = None, stage_start: int = 0):
+                 usage: ExpertUsage | None = None, stage_start: int = 0, quantization: dict | None = None):
         self.stage_end, self.stage_index, self.keep = stage_end, stage_index, keep_training_state
-        self.usage, self.stage_start = usage, stage_start
+        self.usage, self.stage_start, self.quantization = usage, stage_start, quantization
 
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == self.stage_end:
@@ -239,6 +250,15 @@ class CheckpointCallback(TrainerCallback):
             # The Trainer wrote model.safetensors + config.json (rank 0) and the tokenizer; a shared-core
             # student also needs its modeling files (trust_remote_code) and statistics, like save_compressed.
             finish_checkpoint(ckpt, model.config)
+            if self.quantization is not None and state.global_step == self.stage_end:
+                # QAT stage end: the packed model from the latent weights, then the checkpoint's own weights become
+                # their fake-quantized values (what the next stage and the evaluator start from); both before the
+                # completion marker, so a stop in between redoes them.
+                dst = write_quantized(ckpt, Path(args.output_dir) / f"{QUANTIZED_PREFIX}{state.global_step}",
+                                      self.quantization)
+                n = fake_quantize_checkpoint(ckpt, self.quantization, model.config.model_type)
+                log_main("QAT stage end: %s holds %d fake-quantized tensors%s", ckpt.name, n,
+                         f"; quantized model {dst}" if dst is not None else "")
             marker = {"step": state.global_step, "stage": self.stage_index + 1,
                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_atomic(ckpt / CHECKPOINT_COMPLETE, json.dumps(marker) + "\n")
@@ -261,8 +281,9 @@ class JsonlLogCallback(TrainerCallback):
                    "ce": logs.get("ce"), "kl": logs.get("kl"), "lr": logs.get("lr", logs.get("learning_rate")),
                    "grad_norm": logs.get("grad_norm"), "tokens_per_s": logs.get("tokens_per_s"),
                    "time": round(time.time(), 3)}
-            if "zeros_held" in logs:
-                row["zeros_held"] = logs["zeros_held"]
+            for key in ("zeros_held", "fq_error", "fq_error_router"):
+                if key in logs:
+                    row[key] = logs[key]
             with open(Path(args.output_dir) / LOG_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")
         return control
