@@ -12,9 +12,12 @@ Which tensors (``target_kind``, one rule for in-memory parameter names and on-di
   shared-core ``*_core``, ``*_u_in``, ``*_v_in``, ``*_u_out``, ``*_v_out``, low-rank ``*_a``, ``*_b``, ``*_base``;
 - router: the MoE block's ``gate.weight [E, d]`` (not DeepSeek-V3's ``e_score_correction_bias``, not Qwen2-MoE's
   ``shared_expert_gate``).
-Each is quantized along its last dimension (``moe_ds.quantize``: [..., N, K], groups along K), rows independent,
-so the fused ``gate_up_proj`` rows give exactly the values of its gate and up halves quantized as [E, I, d] each,
-and per-expert on-disk matrices exactly the values of the fused stack's slices.
+Each is quantized with groups along a model dimension, exactly as ``moe_ds.quantized_checkpoint`` stores it: along
+the last dimension (``moe_ds.quantize``: [..., N, K], groups along K), except the factors whose last axis is the
+rank (shared-core ``*_u_in``/``*_v_in``/``*_u_out``/``*_v_out``, low-rank ``*_a``: ``quantized_checkpoint.TRANSPOSED``),
+quantized as their transpose [E, r, d_x]. Rows are independent, so the fused ``gate_up_proj`` rows give exactly the
+values of its gate and up halves quantized as [E, I, d] each, and the per-expert on-disk matrices exactly the
+values of the fused stack's slices.
 
 Why a wrapped forward (measured under the 2-rank ZeRO-3 launcher, tests/test_qat.py): ZeRO-3 holds a module's
 parameters whole only between its pre- and post-forward hooks, so the quantization must run inside the module's
@@ -45,6 +48,7 @@ import torch
 
 from .distill_config import QATConfigError
 from .quantize import QuantizationError, QuantSpec, dequantize, fake_quantize, quantize
+from .quantized_checkpoint import TRANSPOSED
 
 QUANTIZED_PREFIX = "quantized-"  # <output>/quantized-<step>/: the really quantized end of a QAT stage
 KINDS = ("experts", "router")
@@ -73,6 +77,11 @@ def target_kind(name: str, model_type: str) -> str | None:
         if rx.search(name):
             return kind
     return None
+
+
+def transposed(name: str) -> bool:
+    """Whether a factor is quantized as its transpose (its last axis is a rank; ``quantized_checkpoint.TRANSPOSED``)."""
+    return re.search(TRANSPOSED, name.removesuffix(".weight")) is not None
 
 
 def parse_quantization(value, where: str = "") -> dict[str, str | None] | None:
@@ -128,7 +137,7 @@ def check_shapes(named_shapes, quantization: dict, model_type: str, where: str =
         if spec is None or len(shape) < 2:
             continue
         try:
-            QuantSpec.parse(spec).group(int(shape[-1]))
+            QuantSpec.parse(spec).group(int(shape[-2] if transposed(name) else shape[-1]))
         except QuantizationError as e:
             raise QATConfigError(f"{where}{kind} {spec} cannot quantize {name} {list(shape)}: {e}") from None
         count += 1
@@ -175,7 +184,7 @@ class FakeQuantization:
             if kind is None or specs[kind] is None or len(getattr(p, "ds_shape", p.shape)) < 2:
                 continue
             owner, _, attr = name.rpartition(".")
-            owners.setdefault(owner, (kind, []))[1].append(attr)
+            owners.setdefault(owner, (kind, []))[1].append((attr, transposed(name)))
         if not owners:
             raise QATConfigError(f"{model_type}: no expert or router weight to fake-quantize")
         self.specs, self.recompute = specs, recompute
@@ -188,12 +197,13 @@ class FakeQuantization:
             self._installed.append((module, original))
         self.num_tensors = sum(len(n) for _, n in owners.values())
 
-    def _wrap(self, owner: str, module, original, kind: str, names: list[str]):
+    def _wrap(self, owner: str, module, original, kind: str, targets: list[tuple[str, bool]]):
         spec = self.specs[kind]
+        names = [n for n, _ in targets]
 
         def run(*args, **kwargs):
             ws = {n: module._parameters[n] for n in names}
-            fq = {n: fake_quantize(w, spec) for n, w in ws.items()}
+            fq = {n: fake_quantize(ws[n].mT, spec).mT if t else fake_quantize(ws[n], spec) for n, t in targets}
             with torch.no_grad():
                 sums = torch.zeros(2, dtype=torch.float64, device=next(iter(ws.values())).device)
                 for n, w in ws.items():
@@ -236,12 +246,15 @@ class FakeQuantization:
 
 
 @torch.no_grad()
-def fake_quantize_tensor(w: torch.Tensor, spec: str) -> torch.Tensor:
-    """dequantize(quantize(w)) in w's dtype: the forward of ``fake_quantize``, without autograd.
+def fake_quantize_tensor(w: torch.Tensor, spec: str, transpose: bool = False) -> torch.Tensor:
+    """dequantize(quantize(w)) in w's dtype: the forward of ``fake_quantize``, without autograd; ``transpose``:
+    groups along the second-to-last dimension (w quantized as its transpose).
 
     Raises:
         moe_ds.quantize.QuantizationError: see ``moe_ds.quantize.quantize``.
     """
+    if transpose:
+        return dequantize(quantize(w.mT, spec), w.dtype).mT.contiguous()
     return dequantize(quantize(w, spec), w.dtype)
 
 
@@ -275,7 +288,7 @@ def fake_quantize_checkpoint(path: str | Path, quantization: dict, model_type: s
             kind = target_kind(key, model_type)
             spec = quantization.get(kind) if kind is not None else None
             if spec is not None and t.ndim >= 2 and t.is_floating_point():
-                state[key] = fake_quantize_tensor(t, spec)
+                state[key] = fake_quantize_tensor(t, spec, transposed(key))
                 changed, count = True, count + 1
         if changed:
             tmp = file.with_name(f".{file.name}.tmp")

@@ -20,7 +20,7 @@ from moe_ds.checkpoint import compress_model, load_model
 from moe_ds.distill import (LOG_FILE, DistillConfig, QATConfigError, StageConfig, experts_per_stage, prepare,
                             run_distill)
 from moe_ds.qat import (FakeQuantization, check_shapes, fake_quantize_checkpoint, fake_quantize_tensor,
-                        parse_quantization, target_kind)
+                        parse_quantization, target_kind, transposed)
 from moe_ds.quantize import QuantSpec, quantize
 
 SEQ = 32
@@ -37,7 +37,7 @@ def _dequantized_copy(model, q=Q):
     with torch.no_grad():
         for name, kind in _targets(ref).items():
             p = ref.get_parameter(name)
-            p.copy_(fake_quantize_tensor(p, q[kind]))
+            p.copy_(fake_quantize_tensor(p, q[kind], transposed(name)))
     return ref
 
 
@@ -141,6 +141,32 @@ def test_factorised_students_fake_quantize_every_factor(form):
         torch.testing.assert_close(model.get_parameter(name).grad, ref.get_parameter(name).grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("form", ["stock", "shared_core", "lowrank", "delta"])
+def test_fake_quant_forward_equals_the_written_quantized_checkpoint(form, tmp_path, tiny_tokenizer):
+    """The training forward's values are the ones quantize_checkpoint stores: same tensors, same group axis."""
+    from moe_ds.checkpoint import save_compressed
+    from moe_ds.quantized_checkpoint import quantize_checkpoint
+
+    model = tiny_model("qwen3_moe")
+    if form == "stock":
+        model.save_pretrained(tmp_path / "src")
+    else:
+        model = compress_model(model, {"gate": 8, "up": 8, "down": 8}, method="svd", form=form)
+        with torch.no_grad():  # the shared core starts with U = 0: give every factor values to quantize
+            for name, kind in _targets(model).items():
+                if kind == "experts" and name.endswith(("_u_in", "_u_out")):
+                    model.get_parameter(name).normal_(0, 0.1)
+        save_compressed(model, tmp_path / "src")
+    tiny_tokenizer.save_pretrained(tmp_path / "src")
+    quantized = load_model(quantize_checkpoint(tmp_path / "src", tmp_path / "q", experts=Q["experts"],
+                                               router=Q["router"]))
+    FakeQuantization(model, **Q)
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, quantized(input_ids=ids).logits, atol=1e-6,
+                                   rtol=1e-6)
+
+
 def test_the_optimizer_moves_the_latent_weights():
     model = tiny_model("qwen3_moe").train()
     FakeQuantization(model, **Q)
@@ -240,11 +266,12 @@ def test_qat_then_pruning_then_plain_distillation_in_one_run(run_root, tiny_lm_d
     assert torch.equal(pruned[key], end[f"model.layers.0.mlp.experts.{kept[0]}.down_proj.weight"])
     final = T.AutoModelForCausalLM.from_pretrained(out / "checkpoint-4")
     assert final.config.num_experts == 4
-    quantized = out / "quantized-2"
-    if quantized.is_dir():  # written by the quantized-checkpoint writer, once it is installed
-        with torch.no_grad():
-            a = load_model(quantized)(input_ids=ids).logits
-        torch.testing.assert_close(a, at_end, atol=1e-5, rtol=1e-5)
+    quantized = out / "quantized-2"  # the packed int4/int8 model of the QAT stage's end
+    assert json.loads((quantized / "config.json").read_text())["moe_ds_quantization"]["experts"] == Q["experts"]
+    assert not (out / "quantized-1").exists() and not (out / "quantized-3").exists()
+    with torch.no_grad():
+        a = load_model(quantized)(input_ids=ids).logits
+    torch.testing.assert_close(a, at_end, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------- the 2-rank ZeRO-3 launcher
@@ -290,7 +317,5 @@ def test_zero3_two_ranks_qat_stage_matches_the_quantized_model(run_root, tiny_lm
     with torch.no_grad():
         ckpt = T.AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")(input_ids=ids).logits
     torch.testing.assert_close(ckpt, probe, atol=1e-5, rtol=1e-5)
-    quantized = out / "quantized-2"
-    if quantized.is_dir():
-        with torch.no_grad():
-            torch.testing.assert_close(load_model(quantized)(input_ids=ids).logits, probe, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out / "quantized-2")(input_ids=ids).logits, probe, atol=1e-5, rtol=1e-5)
