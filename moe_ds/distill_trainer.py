@@ -257,8 +257,7 @@ class CheckpointCallback(TrainerCallback):
                 dst = write_quantized(ckpt, Path(args.output_dir) / f"{QUANTIZED_PREFIX}{state.global_step}",
                                       self.quantization)
                 n = fake_quantize_checkpoint(ckpt, self.quantization, model.config.model_type)
-                log_main("QAT stage end: %s holds %d fake-quantized tensors%s", ckpt.name, n,
-                         f"; quantized model {dst}" if dst is not None else "")
+                log_main("QAT stage end: quantized model %s; %s holds its %d fake-quantized tensors", dst, ckpt.name, n)
             marker = {"step": state.global_step, "stage": self.stage_index + 1,
                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_atomic(ckpt / CHECKPOINT_COMPLETE, json.dumps(marker) + "\n")

@@ -299,22 +299,14 @@ def fake_quantize_checkpoint(path: str | Path, quantization: dict, model_type: s
     return count
 
 
-def write_quantized(ckpt: str | Path, dst: str | Path, quantization: dict) -> Path | None:
-    """``quantize_checkpoint(ckpt, dst, experts=..., router=...)`` of the quantized-checkpoint writer; None (and a
-    warning) while that writer is not installed. An earlier ``dst`` (a stopped run) is replaced."""
-    import shutil
+def write_quantized(ckpt: str | Path, dst: str | Path, quantization: dict) -> Path:
+    """``moe_ds.quantized_checkpoint.quantize_checkpoint(ckpt, dst, experts=..., router=...)``: the packed model of a
+    QAT stage's end, from the latent weights; an earlier ``dst`` (a stopped run's) is replaced.
 
-    from .dist import log_main
+    Raises:
+        moe_ds.quantized_checkpoint.QuantizedCheckpointError: see ``quantize_checkpoint``.
+    """
+    from .quantized_checkpoint import quantize_checkpoint
 
-    try:
-        from .quantized_checkpoint import quantize_checkpoint
-    except ImportError:
-        try:
-            from .checkpoint import quantize_checkpoint
-        except ImportError:
-            log_main("WARNING: no quantize_checkpoint in moe_ds (quantized_checkpoint / checkpoint): %s is not "
-                     "written; %s holds the fake-quantized weights", dst, ckpt)
-            return None
-    dst = Path(dst)
-    shutil.rmtree(dst, ignore_errors=True)
-    return Path(quantize_checkpoint(ckpt, dst, experts=quantization["experts"], router=quantization["router"]))
+    return Path(quantize_checkpoint(ckpt, dst, experts=quantization["experts"], router=quantization["router"],
+                                    overwrite=True))

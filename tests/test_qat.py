@@ -5,6 +5,7 @@ plain stages, and one 2-rank ZeRO-3 launcher run."""
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,20 @@ def test_the_optimizer_moves_the_latent_weights():
     assert isinstance(model.model.layers[0].mlp.experts.down_proj, torch.nn.Parameter)  # restored after forward
 
 
+def test_gradient_checkpointing_gives_the_same_straight_through_gradients():
+    ids = torch.randint(0, 300, (2, 12))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model("qwen3_moe").train()
+        if checkpointing:  # HF's per-layer recompute around the experts' own (nested, non-reentrant)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        FakeQuantization(model, **Q)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: model.get_parameter(n).grad for n in _targets(model)})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-7, rtol=1e-6)
+
+
 def test_fake_quantized_checkpoint_loads_as_the_fake_quantized_model(tmp_path):
     model = tiny_model("mixtral")  # on-disk names differ from the in-memory ones (block_sparse_moe, w1/w2/w3)
     model.save_pretrained(tmp_path)
@@ -272,6 +287,30 @@ def test_qat_then_pruning_then_plain_distillation_in_one_run(run_root, tiny_lm_d
     with torch.no_grad():
         a = load_model(quantized)(input_ids=ids).logits
     torch.testing.assert_close(a, at_end, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_inside_and_at_the_end_of_a_qat_stage(run_root, tiny_lm_dir, tmp_path):
+    stages = [{"name": "qat", "steps": 2, "quantization": Q}, {"name": "plain", "steps": 1}]
+
+    def run(out: Path, **kw) -> Path:
+        return run_distill(_cfg(run_root, tiny_lm_dir, stages, output=str(out), deepspeed="none", batch_size=2,
+                                save_steps=1, logging_steps=1, learning_rate=1e-3, dataloader_num_workers=0,
+                                keep_training_state=None, **kw))
+
+    first = tmp_path / "first"
+    assert run(first) == first / "checkpoint-3"
+    weights = {s: load_file(first / f"checkpoint-{s}" / "model.safetensors") for s in (2, 3)}
+    # stopped after checkpoint-1 (latent weights, optimizer state): the stage continues with fake quantization
+    # and its end is written quantized again; stopped at the boundary: the next stage starts from checkpoint-2
+    for name, drop in (("mid", ("checkpoint-2", "checkpoint-3", "quantized-2")), ("boundary", ("checkpoint-3",))):
+        out = tmp_path / name
+        shutil.copytree(first, out, ignore=shutil.ignore_patterns(*drop))
+        assert run(out, resume=True) == out / "checkpoint-3"
+        assert (out / "quantized-2" / "config.json").is_file()
+        for s in ((2, 3) if name == "mid" else (3,)):
+            again = load_file(out / f"checkpoint-{s}" / "model.safetensors")
+            for k, t in weights[s].items():
+                torch.testing.assert_close(again[k], t, atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------- the 2-rank ZeRO-3 launcher
