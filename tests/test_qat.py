@@ -319,7 +319,7 @@ def test_resume_inside_and_at_the_end_of_a_qat_stage(run_root, tiny_lm_dir, tmp_
 def test_zero3_two_ranks_qat_stage_matches_the_quantized_model(run_root, tiny_lm_dir):
     """Under ZeRO-3 on 2 CPU ranks the QAT stage trains (the latent weights move), the in-training model's logits at
     its end (fake quantization inside each module's forward, on the gathered weights) equal those of its final
-    checkpoint (fake-quantized weights) and of quantized-<step>/ loaded in this process."""
+    checkpoint (fake-quantized weights) and of quantized-<step>/ loaded in this process; a prune_to stage follows."""
     from moe_ds.dist import free_port
     from moe_ds.distill_trainer import PROBE_ENV
 
@@ -334,7 +334,8 @@ def test_zero3_two_ranks_qat_stage_matches_the_quantized_model(run_root, tiny_lm
                                         "stage3_prefetch_bucket_size": 0})
     (run_root / "zero3_strict.json").write_text(json.dumps(strict))
     stages = run_root / "qat_stages.json"
-    stages.write_text(json.dumps({"stages": [{"name": "qat", "steps": 2, "quantization": Q}]}))
+    stages.write_text(json.dumps({"stages": [{"name": "qat", "steps": 2, "quantization": Q},
+                                             {"name": "pruned", "steps": 1, "prune_to": 4}]}))
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--include", "localhost:0,1", "--master_port",
            str(free_port()), "launch/distill.py", "--deepspeed", str(run_root / "zero3_strict.json"), "--student",
            str(tiny_lm_dir), "--teacher-cache", str(run_root / "cache.h5"), "--output", str(out),
@@ -347,7 +348,9 @@ def test_zero3_two_ranks_qat_stage_matches_the_quantized_model(run_root, tiny_lm
     assert p.returncode == 0, logs[-6000:]
     assert "quantization-aware training: 6 expert/router tensors fake-quantized" in logs
     rows = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and all(r["fq_error"] > 0 for r in rows)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["fq_error"] > 0 for r in rows[:2])
+    assert "fq_error" not in rows[2] and "pruned 6 -> 4 experts per MoE layer" in logs
+    assert T.AutoModelForCausalLM.from_pretrained(out / "checkpoint-3").config.num_experts == 4
     start = load_file(tiny_lm_dir / "model.safetensors")
     mid = load_file(out / "checkpoint-1" / "model.safetensors")
     key = "model.layers.1.mlp.experts.3.gate_proj.weight"
