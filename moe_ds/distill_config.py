@@ -152,10 +152,14 @@ class DistillConfig:
     groups: list[str] = field(default_factory=list)  # PATTERN=LR_MULT[:WD] groups of one stage (becomes stages)
     default_lr_mult: float | None = None  # with groups: multiplier of parameters no group matches (default 1)
     stages: list[StageConfig] = field(default_factory=list)  # config file only; empty: one stage training all
+    # quantization-aware training of the single stage: "int4-g128" (experts; router int8) or
+    # "experts=SPEC,router=SPEC|none" (a config file's stages set their own "quantization")
+    quantization: str | None = None
 
     def __post_init__(self):
         if self.deepspeed in ("none", ""):
             self.deepspeed = None
+        had_stages = bool(self.stages)
         self.stages = [_nested(StageConfig, s, "stage") for s in self.stages]
         if self.groups or self.default_lr_mult is not None:
             if self.stages:
@@ -174,6 +178,15 @@ class DistillConfig:
             if self.max_steps is None:
                 raise DistillConfigError("give max_steps or a list of stages")
             self.stages = [StageConfig(steps=self.max_steps, name="all")]
+        if self.quantization is not None:
+            from .qat import parse_quantization_flag
+
+            if had_stages:
+                raise QATConfigError("--quantization sets the single stage's quantization; the config file has "
+                                     "stages: give each its own \"quantization\"")
+            # Folded into the stage, like --groups: the resolved config (and a resume's comparison) holds it once.
+            self.stages[0].quantization = parse_quantization_flag(self.quantization)
+            self.quantization = None
         total = sum(s.steps for s in self.stages)
         if self.max_steps is None:
             self.max_steps = total

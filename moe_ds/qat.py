@@ -117,6 +117,26 @@ def parse_quantization(value, where: str = "") -> dict[str, str | None] | None:
     return out
 
 
+def parse_quantization_flag(text: str) -> dict[str, str | None]:
+    """``--quantization``: "SPEC" (experts SPEC, router int8) or "experts=SPEC,router=SPEC|none", as
+    ``parse_quantization``'s result.
+
+    Raises:
+        QATConfigError: an item without "=" after the first, a repeated or unknown key, or a bad spec.
+    """
+    text = str(text).strip()
+    if "=" not in text:
+        return parse_quantization({"experts": text, "router": "int8"}, "--quantization: ")
+    value = {}
+    for item in text.split(","):
+        key, sep, spec = item.partition("=")
+        key = key.strip()
+        if not sep or key in value:
+            raise QATConfigError(f"--quantization is SPEC or experts=SPEC,router=SPEC|none, got {text!r}")
+        value[key] = spec.strip()
+    return parse_quantization(value, "--quantization: ")
+
+
 def check_shapes(named_shapes, quantization: dict, model_type: str, where: str = "") -> int:
     """Refuse a group size that does not divide the last dimension of a tensor it would quantize.
 

@@ -83,6 +83,24 @@ def test_target_tensors_in_memory_and_on_disk(family, tmp_path):
     assert len(disk) == moe_layers * (3 * E + 1)  # per expert gate, up, down; one router per layer
 
 
+def test_quantization_flag_sets_the_single_stage():
+    launcher = load_launcher("distill")
+    base = ["--student", "s", "--teacher-cache", "c.h5", "--output", "o", "--max-steps", "3"]
+    cfg = launcher.config_from_args([*base, "--quantization", "int4-g64"])
+    assert [s.quantization for s in cfg.stages] == [{"experts": "int4-g64", "router": "int8"}]
+    assert cfg.quantization is None and cfg.to_dict()["stages"][0]["quantization"]["experts"] == "int4-g64"
+    cfg = launcher.config_from_args([*base, "--quantization", "experts=int4-g32-asym,router=none", "--groups",
+                                     r"mlp\.gate\.=0"])
+    assert cfg.stages[0].quantization == {"experts": "int4-g32-asym", "router": None}
+    assert cfg.stages[0].groups[0].lr_mult == 0
+    for bad, match in (("experts=int4,experts=int8", "is SPEC or experts=SPEC"), ("int4-g8,router=int8", "is SPEC or"),
+                       ("int2", "unsupported quantized dtype"), ("router=int8,attention=int8", "unknown keys")):
+        with pytest.raises(QATConfigError, match=match):
+            DistillConfig(student="s", teacher_cache="c", output="o", max_steps=1, quantization=bad)
+    with pytest.raises(QATConfigError, match="the config file has stages"):
+        DistillConfig(student="s", teacher_cache="c", output="o", quantization="int4", stages=[{"steps": 1}])
+
+
 def test_shipped_qat_stages_validate():
     cfg = load_launcher("distill").config_from_args(["--student", "s", "--teacher-cache", "c.h5", "--output", "o",
                                                      "--config", str(REPO / "launch" / "distill_stages.qat.json")])
