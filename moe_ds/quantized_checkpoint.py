@@ -102,6 +102,33 @@ def tensor_roles(keys, model_type: str, shared_core: bool) -> dict[str, str]:
     return roles
 
 
+def is_transposed(name: str) -> bool:
+    """True for the tensors stored (and quantized) as their transpose: the factors whose last axis is the rank
+    (shared-core ``{p}_u_in``, ``{p}_v_in``, ``{p}_u_out``, ``{p}_v_out``; low-rank ``{p}_a``). ``name`` is a
+    parameter or stored key (``model.layers.0.mlp.experts.gate_u_in``)."""
+    return re.search(TRANSPOSED, name) is not None
+
+
+def fake_quantize_as_stored(name: str, w: torch.Tensor, spec: "qz.QuantSpec | str",
+                            input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``quantize.fake_quantize`` in the orientation ``quantize_checkpoint`` stores the tensor ``name`` in, for
+    quantization-aware training: its forward equals exactly what loading the written checkpoint gives for it.
+
+    Args:
+        name: the parameter's name (decides the orientation, ``is_transposed``). w: float [..., N, K].
+        spec, input_scale: as ``quantize.fake_quantize`` (input_scale along the group axis).
+
+    Returns:
+        [..., N, K] like w, straight-through gradient.
+
+    Raises:
+        QuantizationError: see ``quantize.fake_quantize`` (a group size that does not divide the group axis).
+    """
+    if is_transposed(name):
+        return qz.fake_quantize(w.transpose(-1, -2), spec, input_scale).transpose(-1, -2)
+    return qz.fake_quantize(w, spec, input_scale)
+
+
 def _group_axis_len(key: str, shape: tuple) -> int:
     return shape[-2] if re.search(TRANSPOSED, key) else shape[-1]
 

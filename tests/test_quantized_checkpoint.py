@@ -100,6 +100,25 @@ def test_loaded_tensors_are_exactly_the_dequantized_packed_ones(sources, tmp_pat
         assert torch.equal(in_memory(bf, key), w.to(torch.bfloat16)), key
 
 
+def test_fake_quantization_as_stored_equals_the_loaded_checkpoint(sources, tmp_path):
+    """What QAT trains through (fake_quantize_as_stored, per parameter name) is what the written checkpoint loads."""
+    from moe_ds.quantized_checkpoint import fake_quantize_as_stored
+
+    model = load_model(sources / "shared_core")
+    loaded = load_model(quantize_checkpoint(sources / "shared_core", tmp_path / "q", experts=SPEC, router=None))
+    experts = dict(loaded.named_parameters())
+    checked = 0
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            w = p.detach().clone().requires_grad_(True)
+            fq = fake_quantize_as_stored(name, w, SPEC)
+            assert torch.equal(fq, experts[name]), name
+            fq.sum().backward()
+            assert torch.equal(w.grad, torch.ones_like(w))  # range max: nothing clipped, gradient passes whole
+            checked += 1
+    assert checked == 2 * 3 * 5
+
+
 def test_stock_result_is_its_own_model_type_and_plain_auto_refuses_it(sources, tmp_path):
     q = quantize_checkpoint(sources / "pruned", tmp_path / "q", experts=SPEC, router=None)
     config = json.loads((q / "config.json").read_text())
