@@ -12,7 +12,7 @@ import torch
 import transformers as T
 import yaml
 
-from conftest import tiny_model
+from conftest import FAMILIES, tiny_model
 from moe_ds import quantize as qz
 from moe_ds.arch import get_architecture
 from moe_ds.checkpoint import (compress_model, export_dense, load_model, read_tensors, read_weight_map,
@@ -98,6 +98,22 @@ def test_loaded_tensors_are_exactly_the_dequantized_packed_ones(sources, tmp_pat
     assert {p.dtype for p in bf.parameters()} == {torch.bfloat16}
     for key, w in packed.items():
         assert torch.equal(in_memory(bf, key), w.to(torch.bfloat16)), key
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_stock_checkpoint_with_attention_round_trips(family, tmp_path):
+    """Stock per-expert keys (Mixtral's block_sparse_moe.*.w1/w2/w3 too), routers and attention (int8 per channel)
+    load as exactly the dequantized entries; DeepSeek-V3's e_score_correction_bias stays float32 in bf16."""
+    tiny_model(family).save_pretrained(tmp_path / "src")
+    q = quantize_checkpoint(tmp_path / "src", tmp_path / "q", experts=SPEC, router="int8", attention="int8")
+    packed = stored(q)
+    model = load_model(q)
+    roles = json.loads((q / "config.json").read_text())["moe_ds_quantization"]["tensors"]
+    assert any("self_attn" in k for k in roles) and any(k.endswith("gate.weight") for k in roles)
+    for key, w in packed.items():
+        assert torch.equal(in_memory(model, key), w), key
+    bias = [b for n, b in load_model(q, dtype=torch.bfloat16).named_buffers() if n.endswith("e_score_correction_bias")]
+    assert all(b.dtype == torch.float32 for b in bias) and len(bias) == (2 if family == "deepseek_v3" else 0)
 
 
 def test_fake_quantization_as_stored_equals_the_loaded_checkpoint(sources, tmp_path):
