@@ -14,8 +14,9 @@ Which tensors (``target_kind``, one rule for in-memory parameter names and on-di
   ``shared_expert_gate``).
 Each is quantized with groups along a model dimension, exactly as ``moe_ds.quantized_checkpoint`` stores it: along
 the last dimension (``moe_ds.quantize``: [..., N, K], groups along K), except the factors whose last axis is the
-rank (shared-core ``*_u_in``/``*_v_in``/``*_u_out``/``*_v_out``, low-rank ``*_a``: ``quantized_checkpoint.TRANSPOSED``),
-quantized as their transpose [E, r, d_x]. Rows are independent, so the fused ``gate_up_proj`` rows give exactly the
+rank (shared-core ``*_u_in``/``*_v_in``/``*_u_out``/``*_v_out``, low-rank ``*_a``:
+``quantized_checkpoint.is_transposed``), quantized as their transpose [E, r, d_x]
+(``quantized_checkpoint.fake_quantize_as_stored``). Rows are independent, so the fused ``gate_up_proj`` rows give exactly the
 values of its gate and up halves quantized as [E, I, d] each, and the per-expert on-disk matrices exactly the
 values of the fused stack's slices.
 
@@ -47,8 +48,9 @@ from pathlib import Path
 import torch
 
 from .distill_config import QATConfigError
-from .quantize import QuantizationError, QuantSpec, dequantize, fake_quantize, quantize
-from .quantized_checkpoint import TRANSPOSED
+from .quantize import QuantizationError, QuantSpec, dequantize, quantize
+from .modeling_shared_core import base_model_type
+from .quantized_checkpoint import fake_quantize_as_stored, is_transposed
 
 QUANTIZED_PREFIX = "quantized-"  # <output>/quantized-<step>/: the really quantized end of a QAT stage
 KINDS = ("experts", "router")
@@ -57,7 +59,7 @@ KINDS = ("experts", "router")
 def _patterns(model_type: str) -> dict[str, re.Pattern]:
     from .arch import get_architecture
 
-    arch = get_architecture(model_type)
+    arch = get_architecture(base_model_type(model_type))
     block = re.escape(arch.moe_block)
     return {"experts": re.compile(rf"\.{block}\.{re.escape(arch.experts)}\.[^.]+(\.weight)?$|"
                                   rf"\.{block}\.{re.escape(arch.experts)}\.\d+\.[^.]+\.weight$"),
@@ -65,23 +67,19 @@ def _patterns(model_type: str) -> dict[str, re.Pattern]:
 
 
 def target_kind(name: str, model_type: str) -> str | None:
-    """"experts", "router" or None for a parameter name or an on-disk key (``arch.disk_to_memory`` applied).
+    """"experts", "router" or None for a parameter name or an on-disk key (``arch.disk_to_memory`` applied);
+    ``model_type`` may be stock, ``shared_core_<family>`` or ``quantized_<family>``.
 
     Raises:
         moe_ds.arch.UnsupportedModelError: model_type is not a supported MoE family.
     """
     from .arch import get_architecture
 
-    name = get_architecture(model_type).disk_to_memory(name)
+    name = get_architecture(base_model_type(model_type)).disk_to_memory(name)
     for kind, rx in _patterns(model_type).items():
         if rx.search(name):
             return kind
     return None
-
-
-def transposed(name: str) -> bool:
-    """Whether a factor is quantized as its transpose (its last axis is a rank; ``quantized_checkpoint.TRANSPOSED``)."""
-    return re.search(TRANSPOSED, name.removesuffix(".weight")) is not None
 
 
 def parse_quantization(value, where: str = "") -> dict[str, str | None] | None:
@@ -157,7 +155,7 @@ def check_shapes(named_shapes, quantization: dict, model_type: str, where: str =
         if spec is None or len(shape) < 2:
             continue
         try:
-            QuantSpec.parse(spec).group(int(shape[-2] if transposed(name) else shape[-1]))
+            QuantSpec.parse(spec).group(int(shape[-2] if is_transposed(name) else shape[-1]))
         except QuantizationError as e:
             raise QATConfigError(f"{where}{kind} {spec} cannot quantize {name} {list(shape)}: {e}") from None
         count += 1
@@ -198,13 +196,13 @@ class FakeQuantization:
         specs = {"experts": None if experts is None else QuantSpec.parse(experts),
                  "router": None if router is None else QuantSpec.parse(router)}
         model_type = model.config.model_type
-        owners: dict[str, tuple[str, list[str]]] = {}
+        owners: dict[str, tuple[str, list[tuple[str, str]]]] = {}  # module -> (kind, [(attribute, name)])
         for name, p in model.named_parameters():
             kind = target_kind(name, model_type)
             if kind is None or specs[kind] is None or len(getattr(p, "ds_shape", p.shape)) < 2:
                 continue
             owner, _, attr = name.rpartition(".")
-            owners.setdefault(owner, (kind, []))[1].append((attr, transposed(name)))
+            owners.setdefault(owner, (kind, []))[1].append((attr, name))
         if not owners:
             raise QATConfigError(f"{model_type}: no expert or router weight to fake-quantize")
         self.specs, self.recompute = specs, recompute
@@ -217,13 +215,14 @@ class FakeQuantization:
             self._installed.append((module, original))
         self.num_tensors = sum(len(n) for _, n in owners.values())
 
-    def _wrap(self, owner: str, module, original, kind: str, targets: list[tuple[str, bool]]):
+    def _wrap(self, owner: str, module, original, kind: str, targets: list[tuple[str, str]]):
+        """``targets``: (attribute, full parameter name: what decides the stored orientation)."""
         spec = self.specs[kind]
         names = [n for n, _ in targets]
 
         def run(*args, **kwargs):
             ws = {n: module._parameters[n] for n in names}
-            fq = {n: fake_quantize(ws[n].mT, spec).mT if t else fake_quantize(ws[n], spec) for n, t in targets}
+            fq = {n: fake_quantize_as_stored(full, ws[n], spec) for n, full in targets}
             with torch.no_grad():
                 sums = torch.zeros(2, dtype=torch.float64, device=next(iter(ws.values())).device)
                 for n, w in ws.items():
@@ -308,7 +307,7 @@ def fake_quantize_checkpoint(path: str | Path, quantization: dict, model_type: s
             kind = target_kind(key, model_type)
             spec = quantization.get(kind) if kind is not None else None
             if spec is not None and t.ndim >= 2 and t.is_floating_point():
-                state[key] = fake_quantize_tensor(t, spec, transposed(key))
+                state[key] = fake_quantize_tensor(t, spec, is_transposed(key))
                 changed, count = True, count + 1
         if changed:
             tmp = file.with_name(f".{file.name}.tmp")

@@ -21,7 +21,8 @@ from moe_ds.checkpoint import compress_model, load_model
 from moe_ds.distill import (LOG_FILE, DistillConfig, QATConfigError, StageConfig, experts_per_stage, prepare,
                             run_distill)
 from moe_ds.qat import (FakeQuantization, check_shapes, fake_quantize_checkpoint, fake_quantize_tensor,
-                        parse_quantization, target_kind, transposed)
+                        parse_quantization, target_kind)
+from moe_ds.quantized_checkpoint import is_transposed
 from moe_ds.quantize import QuantSpec, quantize
 
 SEQ = 32
@@ -38,7 +39,7 @@ def _dequantized_copy(model, q=Q):
     with torch.no_grad():
         for name, kind in _targets(ref).items():
             p = ref.get_parameter(name)
-            p.copy_(fake_quantize_tensor(p, q[kind], transposed(name)))
+            p.copy_(fake_quantize_tensor(p, q[kind], is_transposed(name)))
     return ref
 
 
@@ -81,6 +82,8 @@ def test_target_tensors_in_memory_and_on_disk(family, tmp_path):
     E = model.config.num_local_experts if family == "mixtral" else (
         model.config.n_routed_experts if family == "deepseek_v3" else model.config.num_experts)
     assert len(disk) == moe_layers * (3 * E + 1)  # per expert gate, up, down; one router per layer
+    for prefix in ("shared_core_", "quantized_"):  # the compressed and quantized forms of the family
+        assert target_kind(next(iter(found)), prefix + family) == found[next(iter(found))]
 
 
 def test_quantization_flag_sets_the_single_stage():
