@@ -310,6 +310,29 @@ def test_qat_then_pruning_then_plain_distillation_in_one_run(run_root, tiny_lm_d
     torch.testing.assert_close(a, at_end, atol=1e-5, rtol=1e-5)
 
 
+def test_a_shared_core_student_trains_with_qat_and_ends_quantized(run_root, tiny_tokenizer, tmp_path, monkeypatch):
+    from moe_ds.checkpoint import save_compressed
+    from moe_ds.distill_trainer import PROBE_ENV
+
+    model = compress_model(tiny_model("qwen3_moe"), {"gate": 8, "up": 8, "down": 8}, method="svd")
+    with torch.no_grad():
+        for name in _targets(model):
+            if name.endswith(("_u_in", "_u_out")):
+                model.get_parameter(name).normal_(0, 0.1)
+    save_compressed(model, tmp_path / "student", tokenizer=tiny_tokenizer)
+    out = tmp_path / "run"
+    out.mkdir()
+    ids = torch.randint(0, 300, (2, 16))
+    torch.save(ids, out / "probe_input.pt")
+    monkeypatch.setenv(PROBE_ENV, "1")
+    run_distill(_cfg(run_root, tmp_path / "student", [{"name": "qat", "steps": 1, "quantization": Q}],
+                     output=str(out), deepspeed="none", batch_size=2, learning_rate=1e-3, dataloader_num_workers=0))
+    probe = torch.load(out / "probe-1.pt")
+    with torch.no_grad():
+        for path in (out / "checkpoint-1", out / "quantized-1"):  # fake-quantized weights; packed factors
+            torch.testing.assert_close(load_model(path)(input_ids=ids).logits, probe, atol=1e-5, rtol=1e-5)
+
+
 def test_resume_inside_and_at_the_end_of_a_qat_stage(run_root, tiny_lm_dir, tmp_path):
     stages = [{"name": "qat", "steps": 2, "quantization": Q}, {"name": "plain", "steps": 1}]
 
