@@ -34,6 +34,7 @@ bench: venv
 	$(PY) bench/kd_loss.py
 	$(PY) bench/data_aware.py
 	$(PY) bench/methods.py
+	$(PY) bench/quantize.py
 
 clean-venv:
 	rm -rf $(VENV)
