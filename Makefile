@@ -2,7 +2,9 @@
 # Both create the virtualenv (.venv) first when it is missing.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?=
+# Two pytest-xdist workers (the launcher tests spend much of their time starting processes); PYTEST_ARGS= runs
+# the suite in one process.
+PYTEST_ARGS ?= -n 2
 
 .PHONY: venv test test-fast demo bench gpu-check clean-venv
 
