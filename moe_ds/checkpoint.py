@@ -231,6 +231,29 @@ def open_safetensors(file: Path):
         yield f
 
 
+def write_shards(folder: str | Path, groups: list, state_of) -> None:
+    """Write a model's weights as one safetensors shard per group plus ``model.safetensors.index.json``, holding one
+    group's tensors in memory at a time (every writer of a checkpoint folder: compress, pruning, quantization).
+
+    Args:
+        folder: the (temporary) checkpoint folder.
+        groups: the shards' groups in order (e.g. decoder layer indices, or source shard names).
+        state_of: ``state_of(group) -> {name: tensor}``, the tensors of that shard.
+    """
+    from safetensors.torch import save_file
+
+    weight_map, total = {}, 0
+    for n, group in enumerate(groups, 1):
+        state = {k: v.contiguous() for k, v in state_of(group).items()}
+        name = f"model-{n:05d}-of-{len(groups):05d}.safetensors"
+        save_file(state, Path(folder) / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in state})
+        total += sum(v.numel() * v.element_size() for v in state.values())
+        del state
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def read_weight_map(path: str | Path) -> dict[str, str]:
     """{tensor name: safetensors file name} of a model directory, from its index or its single file's header.
 

@@ -36,7 +36,7 @@ from .budget import (FACTORISED, BudgetError, ExpertPlan, canonical_method, dens
                      kept_experts_for_budget, kept_experts_for_ratio, method_statistics, parse_method,
                      rank_for_budget)
 from .checkpoint import (STATISTICS_FILE, finish_checkpoint, shared_core_config,
-                         validate_compressed_checkpoint)
+                         validate_compressed_checkpoint, write_shards)
 from .dist import barrier, device_for, init_distributed, log_main
 from .model_files import CompressError, ExpertReader, resolve_model_dir  # re-exported: the stage's API
 from .modeling_shared_core import QUANTIZATION_KEY
@@ -973,8 +973,8 @@ def _write_shards(tmp: Path, reader: ExpertReader, out: Path, save_dtype: torch.
     groups = reader.non_expert_groups()
     layers = sorted(set(groups) | set(reader.layers))
     experts_name = f"{reader.arch.moe_block}.{reader.arch.experts}"
-    weight_map, total = {}, 0
-    for n, layer in enumerate(layers, 1):
+
+    def state_of(layer: int) -> dict:
         state = reader.read(groups.get(layer, []))
         if layer in reader.layers:
             router_name = f"model.layers.{layer}.{reader.arch.moe_block}.{reader.arch.router}"
@@ -983,14 +983,9 @@ def _write_shards(tmp: Path, reader: ExpertReader, out: Path, save_dtype: torch.
                     name = f"{router_name}.{key.removeprefix('router.')}" if key.startswith("router.") \
                         else f"model.layers.{layer}.{experts_name}.{key}"
                     state[name] = f.get_tensor(key)
-        state = {k: (v.to(save_dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-        name = f"model-{n:05d}-of-{len(layers):05d}.safetensors"
-        save_file(state, tmp / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in state})
-        total += sum(v.numel() * v.element_size() for v in state.values())
-        del state
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+    write_shards(tmp, layers, state_of)
 
 
 def _log_wandb(cfg: CompressConfig, per_layer: dict, stats: dict, output_errors: dict | None = None) -> None:

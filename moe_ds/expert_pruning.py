@@ -31,7 +31,7 @@ import yaml
 
 from .arch import MoEArchitecture, get_architecture
 from .checkpoint import (STATISTICS_FILE, finish_checkpoint, is_compressed_checkpoint, open_safetensors, read_tensors,
-                         read_weight_map, validate_compressed_checkpoint)
+                         read_weight_map, validate_compressed_checkpoint, write_shards)
 from .model_files import ExpertReader
 from .run_layout import atomic_output_dir
 from .stats import dtype_bytes, expert_params
@@ -542,22 +542,6 @@ def _read_config(path: Path):
     return CONFIG_MAPPING[get_architecture(model_type).model_type].from_pretrained(path)
 
 
-def _write_layer_shards(tmp: Path, layers: list[int], state_of: Callable[[int], dict]) -> None:
-    """One safetensors shard per decoder layer (-1: the rest) and the index, one layer in memory at a time."""
-    from safetensors.torch import save_file
-
-    weight_map, total = {}, 0
-    for n, layer in enumerate(layers, 1):
-        state = {k: v.contiguous() for k, v in state_of(layer).items()}
-        name = f"model-{n:05d}-of-{len(layers):05d}.safetensors"
-        save_file(state, tmp / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in state})
-        total += sum(v.numel() * v.element_size() for v in state.values())
-        del state
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
 def _stock_statistics(model_type: str, layers: int, original: int, kept: int, d: int, i: int, dtype,
                       extra: dict | None) -> dict:
     """compression_statistics.yaml of a stock checkpoint with fewer experts (ratios relative to the source)."""
@@ -657,7 +641,7 @@ def write_expert_checkpoint(src_dir: str | Path, dst_dir: str | Path, arch: MoEA
         return state
 
     with atomic_output_dir(dst_dir, overwrite) as tmp:
-        _write_layer_shards(tmp, sorted(set(groups) | set(reader.layers)), state_of)
+        write_shards(tmp, sorted(set(groups) | set(reader.layers)), state_of)
         config = copy.deepcopy(model_config)
         setattr(config, arch.num_experts_key, count[0])
         config.save_pretrained(tmp)
@@ -746,7 +730,7 @@ def select_experts_on_disk(src_dir: str | Path, dst_dir: str | Path, kept: Mappi
 
     layers = sorted(by_layer)
     with atomic_output_dir(dst_dir, overwrite) as tmp:
-        _write_layer_shards(tmp, layers, state_of)
+        write_shards(tmp, layers, state_of)
         config = copy.deepcopy(config)
         setattr(config, arch.num_experts_key, new_e)
         config.save_pretrained(tmp)

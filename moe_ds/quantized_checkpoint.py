@@ -49,7 +49,7 @@ import yaml
 from . import quantize as qz
 from .arch import get_architecture
 from .checkpoint import (STATISTICS_FILE, TOKENIZER_FILES, open_safetensors, read_weight_map, read_weight_shapes,
-                         write_modeling_files)
+                         write_modeling_files, write_shards)
 from .modeling_shared_core import QUANTIZATION_KEY, base_model_type, quantized_classes
 from .run_layout import atomic_output_dir
 
@@ -223,8 +223,6 @@ def quantize_checkpoint(src_dir: str | Path, dst_dir: str | Path, experts: str |
         CheckpointError: unreadable source weights.
         FileExistsError: ``dst_dir`` exists and ``overwrite`` is False.
     """
-    from safetensors.torch import save_file
-
     src = Path(src_dir)
     plan = plan_quantization(src, experts, router, attention)
     raw = json.loads((src / "config.json").read_text())
@@ -232,8 +230,7 @@ def quantize_checkpoint(src_dir: str | Path, dst_dir: str | Path, experts: str |
     weight_map = read_weight_map(src)
     shards = sorted(set(weight_map.values()))
     with atomic_output_dir(dst_dir, overwrite) as tmp:
-        out_map, total = {}, 0
-        for n, shard in enumerate(shards, 1):
+        def state_of(shard: str) -> dict:
             state = {}
             with open_safetensors(src / shard) as f:
                 for key in f.keys():
@@ -241,14 +238,10 @@ def quantize_checkpoint(src_dir: str | Path, dst_dir: str | Path, experts: str |
                     if key in plan:
                         state.update(_quantize_one(key, t, plan[key], _calibration_scale(calibration, key, arch)))
                     else:
-                        state[key] = t.contiguous()
-            name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-            save_file(state, tmp / name, metadata={"format": "pt"})
-            out_map.update({k: name for k in state})
-            total += sum(v.numel() * v.element_size() for v in state.values())
-            del state
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(out_map.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+                        state[key] = t
+            return state
+
+        write_shards(tmp, shards, state_of)
         given = {"experts": experts, "router": router, "attention": attention}
         section = {"format_version": FORMAT_VERSION,
                    **{role: None if (s := _spec(text, role)) is None else str(s) for role, text in given.items()},
