@@ -22,6 +22,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .arch import PROJECTIONS
+from .shared_core import check_ranks, grouped_kernel_available, require_grouped_kernel, rows_by_expert
 
 
 class LowRankError(ValueError):
@@ -95,17 +96,10 @@ class LowRankExperts(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        if set(ranks) != set(PROJECTIONS):
-            raise LowRankError(f"ranks must name exactly {PROJECTIONS}, got {sorted(ranks)}")
-        max_rank = min(hidden_size, intermediate_size)
-        for p, r in ranks.items():
-            if not 0 <= int(r) <= max_rank:
-                raise LowRankError(f"rank of {p!r} must be in [0, {max_rank}] (min of d={hidden_size}, "
-                                   f"I={intermediate_size}), got {r}")
+        self.ranks = check_ranks(ranks, hidden_size, intermediate_size, LowRankError)
         self.num_experts = num_experts
         self.hidden_dim = hidden_size
         self.intermediate_dim = intermediate_size
-        self.ranks = {p: int(ranks[p]) for p in PROJECTIONS}
         self.hidden_act = hidden_act
         self.act_fn = ACT2FN[hidden_act]
         self.has_base = bool(base)
@@ -236,16 +230,10 @@ class LowRankExperts(nn.Module):
     def _use_grouped(self, x: torch.Tensor, rows: int) -> bool:
         if self.implementation == "loop":
             return False
-        ok = hasattr(F, "grouped_mm") and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        if ok and x.device.type == "cuda":  # CUDA kernels: bf16, compute capability 8.0 or newer
-            ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-        # strides must be multiples of 16 bytes (the factors are padded to that along their rank; d and I are not)
-        ok = ok and all(n * x.element_size() % 16 == 0 for n in (self.hidden_dim, self.intermediate_dim))
         if self.implementation == "grouped":
-            if not ok:
-                raise RuntimeError(f"grouped experts need torch.nn.functional.grouped_mm for {x.dtype} on "
-                                   f"{x.device.type} with d, I multiples of 16 bytes; use implementation='loop'")
+            require_grouped_kernel(x, self.hidden_dim, self.intermediate_dim)
             return True
+        ok = grouped_kernel_available(x, self.hidden_dim, self.intermediate_dim)
         # An unaligned rank makes every call copy all E experts' factors zero-padded (nothing is cached, so ZeRO-3's
         # gathered parameters are never stale): with fewer routed rows than experts (decoding) the copy costs more
         # than the products, and the loop touches the visited experts only.
@@ -257,14 +245,8 @@ class LowRankExperts(nn.Module):
                          top_k_weights: torch.Tensor) -> torch.Tensor:
         """All experts at once: the T·k (token, slot) rows sorted by expert, each factor product one grouped GEMM.
         Dropped slots go to expert 0 with weight 0 (exact, and no row is left to the kernel's unwritten tail); the
-        rows are summed per token in a fixed order (deterministic, unlike index_add on CUDA)."""
-        num_tokens, top_k = top_k_index.shape
-        flat = top_k_index.reshape(-1)
-        valid = (flat >= 0) & (flat < self.num_experts)
-        sorted_ids, order = torch.sort(torch.where(valid, flat, 0), stable=True)
-        offs = torch.bincount(sorted_ids, minlength=self.num_experts).cumsum(0).to(torch.int32)
-        token = order // top_k
-        weight = (top_k_weights.reshape(-1) * valid)[order].unsqueeze(1).to(x.dtype)  # [N, 1]
+        rows are summed per token in a fixed order (``rows_by_expert``)."""
+        offs, token, weight, per_token = rows_by_expert(top_k_index, top_k_weights, self.num_experts, x.dtype)
         align = 16 // x.element_size()
 
         def low_rank(rows, proj, scale=None):  # rows [N, d_in] -> rows B_eᵀ A_eᵀ [N, d_out], expert e per group
@@ -283,15 +265,7 @@ class LowRankExperts(nn.Module):
                 y = low_rank(x_rows, p) if y is None else y + low_rank(x_rows, p)
             z[p] = x_rows.new_zeros(x_rows.shape[0], self.intermediate_dim) if y is None else y
         g = self.act_fn(z["gate"]) * z["up"]  # [N, I]
-        if x.device.type == "cpu":  # index_add is deterministic on the CPU and reads each row once
-            def per_token(rows):
-                return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, token, rows)
-        else:  # CUDA's index_add uses atomics (run-to-run noise): gather back to (token, slot) order and sum
-            unsort = torch.argsort(order)
-
-            def per_token(rows):
-                return rows[unsort].view(num_tokens, top_k, -1).sum(1)
-        out = x.new_zeros(num_tokens, self.hidden_dim)
+        out = x.new_zeros(top_k_index.shape[0], self.hidden_dim)
         if self.ranks["down"] > 0:
             out = out + per_token(low_rank(g, "down", weight))
         if self.has_base:  # the down base once per token on Σ_j w_j g_j

@@ -20,6 +20,72 @@ from .arch import PROJECTIONS
 _FACTORS = ("core", "u_in", "v_in", "u_out", "v_out")
 
 
+def check_ranks(ranks: dict, hidden_size: int, intermediate_size: int, error: type = ValueError) -> dict[str, int]:
+    """{"gate": r, "up": r, "down": r} as ints, each in [0, min(d, I)] (shared by every low-rank experts module).
+
+    Raises:
+        ``error``: a projection missing or extra, or a rank out of range.
+    """
+    if set(ranks) != set(PROJECTIONS):
+        raise error(f"ranks must name exactly {PROJECTIONS}, got {sorted(ranks)}")
+    max_rank = min(hidden_size, intermediate_size)
+    for p, r in ranks.items():
+        if not 0 <= int(r) <= max_rank:
+            raise error(f"rank of {p!r} must be in [0, {max_rank}] (min of d={hidden_size}, I={intermediate_size}), "
+                        f"got {r}")
+    return {p: int(ranks[p]) for p in PROJECTIONS}
+
+
+def grouped_kernel_available(x: torch.Tensor, hidden_size: int, intermediate_size: int) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` takes ``x``'s dtype and device with rows of d and I values: CUDA
+    kernels need bf16 and compute capability 8.0 or newer, and every stride a multiple of 16 bytes (the modules pad
+    their factors to that along the rank; d and I are not padded)."""
+    ok = hasattr(F, "grouped_mm") and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if ok and x.device.type == "cuda":
+        ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return ok and all(n * x.element_size() % 16 == 0 for n in (hidden_size, intermediate_size))
+
+
+def require_grouped_kernel(x: torch.Tensor, hidden_size: int, intermediate_size: int) -> None:
+    """Raises RuntimeError where ``grouped_kernel_available`` is False (implementation="grouped" was asked for)."""
+    if not grouped_kernel_available(x, hidden_size, intermediate_size):
+        raise RuntimeError(f"grouped experts need torch.nn.functional.grouped_mm for {x.dtype} on {x.device.type} "
+                           f"with d, I multiples of 16 bytes; use implementation='loop'")
+
+
+def rows_by_expert(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int, dtype: torch.dtype):
+    """The T·k (token, slot) rows of a routing, sorted by expert, for the grouped kernels.
+
+    Dropped slots (ids outside [0, E)) go to expert 0 with weight 0: exact, and no row is left to the kernel's
+    unwritten tail.
+
+    Args:
+        top_k_index: [T, k] int64; top_k_weights: [T, k]; dtype: of the returned weights.
+
+    Returns:
+        (offs [E] int32 cumulative row counts, token [N] int64 the token of each sorted row, weight [N, 1] its
+        routing weight, per_token) with N = T·k and ``per_token(rows [N, n]) -> [T, n]`` summing the rows of each
+        token in a fixed order: index_add on the CPU (deterministic there, each row read once), a gather back to
+        (token, slot) order and a sum elsewhere (CUDA's index_add uses atomics: run-to-run noise).
+    """
+    num_tokens, top_k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    valid = (flat >= 0) & (flat < num_experts)
+    sorted_ids, order = torch.sort(torch.where(valid, flat, 0), stable=True)
+    offs = torch.bincount(sorted_ids, minlength=num_experts).cumsum(0).to(torch.int32)
+    token = order // top_k
+    weight = (top_k_weights.reshape(-1) * valid)[order].unsqueeze(1).to(dtype)
+    if top_k_index.device.type == "cpu":
+        def per_token(rows):
+            return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, token, rows)
+    else:
+        unsort = torch.argsort(order)
+
+        def per_token(rows):
+            return rows[unsort].view(num_tokens, top_k, -1).sum(1)
+    return offs, token, weight, per_token
+
+
 def reconstruct(core: torch.Tensor, u_in: torch.Tensor, v_in: torch.Tensor, u_out: torch.Tensor,
                 v_out: torch.Tensor) -> torch.Tensor:
     """Dense Ŵ_e = (I + U_out V_outᵀ) C (I + U_in V_inᵀ) of every expert given (the one implementation).
@@ -103,17 +169,10 @@ class SharedCoreExperts(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        if set(ranks) != set(PROJECTIONS):
-            raise ValueError(f"ranks must name exactly {PROJECTIONS}, got {sorted(ranks)}")
-        max_rank = min(hidden_size, intermediate_size)
-        for p, r in ranks.items():
-            if not 0 <= int(r) <= max_rank:
-                raise ValueError(f"rank of {p!r} must be in [0, {max_rank}] (min of d={hidden_size}, "
-                                 f"I={intermediate_size}), got {r}")
+        self.ranks = check_ranks(ranks, hidden_size, intermediate_size)
         self.num_experts = num_experts
         self.hidden_dim = hidden_size
         self.intermediate_dim = intermediate_size
-        self.ranks = {p: int(ranks[p]) for p in PROJECTIONS}
         self.hidden_act = hidden_act
         self.act_fn = ACT2FN[hidden_act]
         self.init_std = init_std
@@ -268,32 +327,18 @@ class SharedCoreExperts(nn.Module):
     def _use_grouped(self, x: torch.Tensor) -> bool:
         if self.implementation == "loop":
             return False
-        ok = hasattr(F, "grouped_mm") and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        if ok and x.device.type == "cuda":  # CUDA kernels: bf16, compute capability 8.0 or newer
-            ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-        # strides must be multiples of 16 bytes (ranks are padded to that; d and I are not)
-        ok = ok and all(n * x.element_size() % 16 == 0 for n in (self.hidden_dim, self.intermediate_dim))
         if self.implementation == "grouped":
-            if not ok:
-                raise RuntimeError(f"grouped experts need torch.nn.functional.grouped_mm for {x.dtype} on "
-                                   f"{x.device.type} with d, I multiples of 16 bytes; use implementation='loop'")
+            require_grouped_kernel(x, self.hidden_dim, self.intermediate_dim)
             return True
         # auto: on a CPU the loop is faster (each expert's rows stay in cache; measured in bench/experts_forward.py),
         # on an accelerator the fixed op count wins (one kernel launch per product instead of E)
-        return ok and x.device.type != "cpu"
+        return x.device.type != "cpu" and grouped_kernel_available(x, self.hidden_dim, self.intermediate_dim)
 
     def _forward_grouped(self, x: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
         """All experts at once: the T·k (token, slot) rows sorted by expert, each low-rank product one grouped
-        GEMM. Dropped slots go to expert 0 with weight 0 (exact, and no row is left to the kernel's unwritten
-        tail); the rows are summed per token in a fixed order (deterministic, unlike index_add on CUDA)."""
-        num_tokens, top_k = top_k_index.shape
-        flat = top_k_index.reshape(-1)
-        valid = (flat >= 0) & (flat < self.num_experts)
-        sorted_ids, order = torch.sort(torch.where(valid, flat, 0), stable=True)
-        offs = torch.bincount(sorted_ids, minlength=self.num_experts).cumsum(0).to(torch.int32)
-        token = order // top_k
-        weight = (top_k_weights.reshape(-1) * valid)[order].unsqueeze(1).to(x.dtype)  # [N, 1]
+        GEMM (``rows_by_expert``: dropped slots exact, rows summed per token in a fixed order)."""
+        offs, token, weight, per_token = rows_by_expert(top_k_index, top_k_weights, self.num_experts, x.dtype)
         align = 16 // x.element_size()
         pad = {p: -self.ranks[p] % align for p in PROJECTIONS}
 
@@ -314,14 +359,6 @@ class SharedCoreExperts(nn.Module):
         g = self.act_fn(z["gate"]) * z["up"]  # [N, I]
         if self.ranks["down"] > 0:
             g = g + gmm(gmm(g, self.down_v_in, "down", -1), self.down_u_in.mT, "down", -2)
-        if x.device.type == "cpu":  # index_add is deterministic on the CPU and reads each row once
-            def per_token(rows):
-                return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, token, rows)
-        else:  # CUDA's index_add uses atomics (run-to-run noise): gather back to (token, slot) order and sum
-            unsort = torch.argsort(order)
-
-            def per_token(rows):
-                return rows[unsort].view(num_tokens, top_k, -1).sum(1)
         out = F.linear(per_token(g * weight), self.down_core)  # the down core once per token on Σ_j w_j g_j
         if self.ranks["down"] > 0:
             correction = gmm(gmm(g, products["down"], "down", -1) * weight, self.down_u_out.mT, "down", -2)
