@@ -67,6 +67,19 @@ def run_stage(name: str, cmd: list[str], nproc: int, log_dir: Path) -> float:
     return seconds
 
 
+def add_common_arguments(ap) -> None:
+    """The options every toy-teacher benchmark takes: the teacher and its texts (``teacher_paths``), the
+    evaluation windows, the ranks per launcher command and where to keep what ran."""
+    ap.add_argument("--teacher", default=str(DEFAULT_TEACHER), help="MoE model folder (default: the demo's toy teacher)")
+    ap.add_argument("--calibration-data", help="calibration / training text (default: <teacher>/../data/train.jsonl)")
+    ap.add_argument("--heldout", help="held-out text for perplexity (default: <teacher>/../data/heldout.jsonl)")
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (calibration, cache, evaluation)")
+    ap.add_argument("--eval-windows", type=int, default=64, help="held-out windows of --seq-len tokens")
+    ap.add_argument("--nproc", type=int, default=2, help="CPU ranks per launcher command")
+    ap.add_argument("--workdir", help="keep what ran (calibrations, students, caches, logs) here (default: a "
+                    "temporary folder)")
+
+
 def teacher_paths(args) -> tuple[Path, Path, Path]:
     """(teacher, calibration text, held-out text); builds the toy teacher when the default one is missing."""
     teacher = Path(args.teacher)
@@ -97,20 +110,14 @@ def result_of(folder: Path) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", default=str(DEFAULT_TEACHER), help="MoE model folder (default: the demo's toy teacher)")
-    ap.add_argument("--calibration-data", help="calibration text (default: <teacher>/../data/train.jsonl)")
-    ap.add_argument("--heldout", help="held-out text for perplexity (default: <teacher>/../data/heldout.jsonl)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     ap.add_argument("--steps", type=int, default=300, help="Adam steps after the svd start (0: closed form only)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--num-sequences", type=int, default=64, help="calibration sequences")
-    ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--heldout-tokens", type=int, default=1024, help="calibration tokens kept for the output error")
-    ap.add_argument("--eval-windows", type=int, default=64, help="held-out windows of --seq-len tokens")
     ap.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=STRUCTURES,
                     help="moment structures of the activation runs (each needs its own calibration)")
-    ap.add_argument("--nproc", type=int, default=2, help="CPU ranks per launcher command")
-    ap.add_argument("--workdir", help="keep calibrations, students and logs here (default: a temporary folder)")
+    add_common_arguments(ap)
     args = ap.parse_args()
     print_header("data-aware compression: held-out perplexity of the weight vs activation objective, zero-shot")
 

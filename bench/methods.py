@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 from common import print_header
-from data_aware import DEFAULT_TEACHER, launcher, run_stage, teacher_paths
+from data_aware import add_common_arguments, launcher, run_stage, teacher_paths
 
 FACTORISED = ("shared_core", "lowrank", "delta")
 METHODS = ("shared_core", "lowrank", "delta", "merge", "prune", "magnitude")
@@ -51,19 +51,13 @@ def describe(folder: Path, experts: int) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", default=str(DEFAULT_TEACHER), help="MoE model folder (default: the demo's toy teacher)")
-    ap.add_argument("--calibration-data", help="calibration text (default: <teacher>/../data/train.jsonl)")
-    ap.add_argument("--heldout", help="held-out text for perplexity (default: <teacher>/../data/heldout.jsonl)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--steps", type=int, default=300, help="shared_core: Adam steps after the svd start")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--num-sequences", type=int, default=64, help="calibration sequences")
-    ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--heldout-tokens", type=int, default=1024, help="calibration tokens kept for the output error")
-    ap.add_argument("--eval-windows", type=int, default=64, help="held-out windows of --seq-len tokens")
-    ap.add_argument("--nproc", type=int, default=2, help="CPU ranks per launcher command")
-    ap.add_argument("--workdir", help="keep the calibration, the students and logs here (default: a temporary folder)")
+    add_common_arguments(ap)
     args = ap.parse_args()
     print_header("compression methods at equal expert bytes: zero-shot held-out perplexity and fit time")
 

@@ -27,24 +27,18 @@ import time
 from pathlib import Path
 
 from common import print_header
-from data_aware import DEFAULT_TEACHER, launcher, run_stage, teacher_paths
+from data_aware import add_common_arguments, launcher, run_stage, teacher_paths
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", default=str(DEFAULT_TEACHER), help="MoE model folder (default: the demo's toy teacher)")
-    ap.add_argument("--calibration-data", help="training text (default: <teacher>/../data/train.jsonl)")
-    ap.add_argument("--heldout", help="held-out text for perplexity (default: <teacher>/../data/heldout.jsonl)")
     ap.add_argument("--spec", default="int4-g64", help="experts' quantization (the router is int8)")
     ap.add_argument("--target-ratio", type=float, default=0.28, help="the student's expert-parameter ratio (the demo's)")
     ap.add_argument("--steps", type=int, default=100, help="distillation steps of both runs")
     ap.add_argument("--fit-steps", type=int, default=300, help="Adam steps of the zero-shot fit after the svd start")
     ap.add_argument("--cache-sequences", type=int, default=800)
-    ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--eval-windows", type=int, default=64, help="held-out windows of --seq-len tokens")
-    ap.add_argument("--nproc", type=int, default=2, help="CPU ranks per launcher command")
-    ap.add_argument("--workdir", help="keep the student, cache, runs and logs here (default: a temporary folder)")
+    add_common_arguments(ap)
     args = ap.parse_args()
     print_header("quantized experts: bytes per parameter, PTQ vs QAT perplexity, load and forward time")
 
