@@ -68,6 +68,8 @@ class CacheTeacherConfig:
     logits_chunk: int = 512  # positions converted to fp32 at once for top-k/logsumexp (bounds memory)
     overwrite: bool = False  # discard existing shards instead of resuming them
     trust_remote_code: bool = False  # for teachers with their own modeling code
+    cache_features: str | None = None  # "8,16,24": also store these decoder layers' outputs (float16, 2*L*H B/token)
+    feature_target: str = "hidden"  # hidden: decoder layer output; moe: its MLP/MoE block output
 
     def __post_init__(self):
         """Raises CacheTeacherError naming the offending setting."""
@@ -88,6 +90,15 @@ class CacheTeacherConfig:
             raise CacheTeacherError(f"logits_chunk must be >= 1, got {self.logits_chunk}")
         if not self.output.endswith(".h5"):
             raise CacheTeacherError(f"output must be an .h5 path, got {self.output!r}")
+        from .features import FEATURE_TARGETS, FeatureConfigError, parse_layers
+
+        try:
+            layers = parse_layers(self.cache_features)
+        except FeatureConfigError as e:
+            raise CacheTeacherError(f"cache_features: {e}") from None
+        self.cache_features = ",".join(map(str, layers)) if layers else None
+        if self.feature_target not in FEATURE_TARGETS:
+            raise CacheTeacherError(f"feature_target must be one of {FEATURE_TARGETS}, got {self.feature_target!r}")
 
 
 def teacher_topk(logits: torch.Tensor, k: int, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -380,6 +391,14 @@ def cache_teacher(cfg: CacheTeacherConfig) -> tc.CacheMeta | None:
     check_teacher_vocab(vocab_size, tok_size, cfg.top_k)
     check_teacher_positions(config, cfg.seq_len)
     precision = teacher_precision(config, cfg.quantize, resolve_dtype(cfg.dtype, device), cfg.trust_remote_code)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if cfg.cache_features:
+        from .features import FeatureConfigError, check_layers, parse_layers
+
+        try:
+            check_layers(parse_layers(cfg.cache_features), int(text_config.num_hidden_layers), f"teacher {cfg.teacher}")
+        except FeatureConfigError as e:
+            raise CacheTeacherError(f"--cache-features: {e}") from None
     if output.is_dir():
         raise CacheTeacherError(f"output {output} is a folder, not an .h5 file")
     corpus = load_corpus(cfg.data, cfg.text_field, cfg.split, cfg.dataset_config)
@@ -394,7 +413,9 @@ def cache_teacher(cfg: CacheTeacherConfig) -> tc.CacheMeta | None:
                         tokenizer_hash=tok_hash, tokenizer_size=tok_size, vocab_size=vocab_size, k=cfg.top_k,
                         seq_len=cfg.seq_len, dataset=dataset, logits_dtype="float16",
                         teacher_dtype=f"{precision}@{device.type}", compression=cfg.compression,
-                        world_size=info.world_size)
+                        world_size=info.world_size, feature_layers=cfg.cache_features or "",
+                        feature_target=cfg.feature_target if cfg.cache_features else "",
+                        hidden_size=int(text_config.hidden_size) if cfg.cache_features else 0)
     finished = _finished_cache(output, meta, cfg.overwrite)
     if finished is not None:
         log_main("%s is already a finished cache of this configuration; nothing to do", output)
@@ -458,6 +479,10 @@ def cache_teacher(cfg: CacheTeacherConfig) -> tc.CacheMeta | None:
     log_main("cached %d sequences x %d = %d tokens from %d rank(s) into %s: %d bytes on disk, %.1f bytes/token "
              "(compression %s), %.1f s wall", index.num_sequences, index.seq_len, index.num_tokens,
              info.world_size, output, size, size / index.num_tokens, index.compression, wall)
+    if index.feature_layers:
+        log_main("the features of layers %s (%s, H=%d) take %d of those bytes per token before compression "
+                 "(2 x %d layers x %d)", index.feature_layers, index.feature_target, index.hidden_size,
+                 index.feature_bytes_per_token, len(index.feature_layer_list), index.hidden_size)
     return index
 
 
@@ -543,6 +568,11 @@ def _run_shard(cfg, model, writer: tc.ShardWriter, sequences, device, rank: int,
     bar = tqdm(total=expected, initial=writer.num_done * cfg.seq_len, unit="tok", unit_scale=True,
                desc=f"rank {rank}", position=rank, mininterval=2.0)
     written, t0 = 0, time.time()
+    hooks = None
+    if writer.meta.feature_layers:
+        from .features import FeatureHooks
+
+        hooks = FeatureHooks(model, writer.meta.feature_layer_list, writer.meta.feature_target)
     try:
         while True:
             batch = list(islice(sequences, cfg.batch_size))
@@ -555,7 +585,8 @@ def _run_shard(cfg, model, writer: tc.ShardWriter, sequences, device, rank: int,
                 raise ValueError(f"the teacher's logits have {logits.shape[-1]} entries, its config says "
                                  f"{writer.meta.vocab_size}")
             ids, vals, lse = teacher_topk(logits, cfg.top_k, cfg.logits_chunk)
-            writer.append(input_ids, ids, vals, lse)
+            features = torch.stack(hooks.take(), dim=1) if hooks is not None else None  # [B, L, T, H]
+            writer.append(input_ids, ids, vals, lse, features)
             written += len(batch)
             bar.update(len(batch) * cfg.seq_len)
             if stop_after and written >= stop_after:
@@ -566,6 +597,8 @@ def _run_shard(cfg, model, writer: tc.ShardWriter, sequences, device, rank: int,
                 os._exit(75)
     finally:
         bar.close()  # before any error message, which must stand on its own line
+        if hooks is not None:
+            hooks.remove()
     final = writer.finish()
     dt = time.time() - t0
     logger.info("shard %s complete: %d sequences (%d written now in %.1f s, %.0f tok/s)", writer.path,

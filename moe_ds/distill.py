@@ -32,7 +32,7 @@ import torch
 
 from .checkpoint import (CheckpointError, is_compressed_checkpoint, load_model, read_weight_shapes,
                          validate_compressed_checkpoint)
-from .dist import all_reduce_sum, barrier, dist_info, log_main, setup_logging
+from .dist import all_reduce_sum, barrier, device_for, dist_info, log_main, setup_logging
 from .arch import UnsupportedModelError
 from .distill_config import (CONFIG_FILE, DEFAULT_DEEPSPEED, DistillConfig, DistillConfigError, GroupConfig,
                              PruneConfigError, QATConfigError, StageConfig, check_deepspeed_config, parse_group, stage_from_groups)
@@ -42,6 +42,10 @@ from .qat import QUANTIZED_PREFIX, FakeQuantization, check_shapes
 from .run_layout import (CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, check_output_dir, checkpoint_step,
                          complete_checkpoints, has_training_state, write_atomic, write_json_atomic)
 from .sparsity import USAGE_FILE, ExpertUsage, SparsityError, load_usage, read_sparsity_section
+from .corpus import CorpusError
+from .features import FeatureHooks, check_layers
+from .online_teacher import (OnlineTeacher, TextDataset, check_teacher_compatible, describe, load_replicated,
+                             load_zero3, resolve_placement, teacher_parameters)
 from .teacher_cache import CacheFormatError, TeacherCacheDataset
 
 __all__ = ["CONFIG_FILE", "DEFAULT_DEEPSPEED", "HISTORY_FILE", "LOG_FILE", "PROBE_ENV", "PRUNED_PREFIX",
@@ -53,6 +57,7 @@ __all__ = ["CONFIG_FILE", "DEFAULT_DEEPSPEED", "HISTORY_FILE", "LOG_FILE", "PROB
 # A resume must keep these: the data order and the stage boundaries are functions of them (the stages also hold
 # prune_to / prune_score, so a resume cannot change which experts a later stage keeps).
 _RESUME_KEYS = ("stages", "batch_size", "gradient_accumulation_steps", "seed", "shuffle")
+_LIVE_RESUME_KEYS = ("seq_len", "max_sequences", "text_field")  # a live teacher's --data packing: the sequences
 PRUNED_PREFIX = "pruned-"  # <output>/pruned-<step>/: the model a stage with prune_to starts from
 PRUNING_RECORD = "pruning.json"  # inside pruned-<step>/, written before the folder appears: what was kept and why
 HISTORY_FILE = "pruning_history.json"  # <output>/: one entry per pruning boundary, in step order
@@ -114,9 +119,11 @@ def _check_positions(cfg: DistillConfig, seq_len: int, text_config) -> None:
     """
     limit = getattr(text_config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
-        raise DistillConfigError(f"teacher cache {cfg.teacher_cache} holds sequences of {seq_len} tokens, beyond the "
+        source = (f"teacher cache {cfg.teacher_cache} holds" if cfg.teacher_cache else "--seq-len asks for")
+        fix = "rebuild the cache with" if cfg.teacher_cache else "pass"
+        raise DistillConfigError(f"{source} sequences of {seq_len} tokens, beyond the "
                                  f"student's max_position_embeddings {limit} ({Path(cfg.student) / 'config.json'}): "
-                                 f"positions past {limit} were never trained; rebuild the cache with --seq-len "
+                                 f"positions past {limit} were never trained; {fix} --seq-len "
                                  f"{limit} or less")
 
 
@@ -181,7 +188,8 @@ class Prepared:
 
     ds_cfg: dict | None  # the parsed DeepSpeed config (None: plain Trainer)
     tokenizer: object  # the student's (or --tokenizer's) tokenizer
-    cache: TeacherCacheDataset  # the teacher cache, checked against the tokenizer and vocabulary
+    cache: TeacherCacheDataset | TextDataset  # the teacher cache (checked against the tokenizer and vocabulary),
+    # or the packed --data text of a live teacher
     groups: list[list[ResolvedGroup]]  # per stage, its resolved parameter groups
     start_step: int  # global step of the newest complete checkpoint (0 for a fresh run)
     resume_from: Path | None  # that checkpoint
@@ -220,10 +228,35 @@ def prepare(cfg: DistillConfig) -> Prepared:
     except (OSError, ValueError) as e:
         raise DistillConfigError(f"no tokenizer in {tok_path} ({e}); pass --tokenizer DIR") from e
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if Path(cfg.teacher_cache).is_dir():  # HDF5 would say so in a multi-line message
-        raise CacheFormatError(f"teacher cache {cfg.teacher_cache} is a folder; give the .h5 file that stage 2 wrote")
-    cache = TeacherCacheDataset(cfg.teacher_cache, tokenizer=tokenizer, vocab_size=int(text_config.vocab_size))
-    _check_positions(cfg, cache.meta.seq_len, text_config)
+    feature_layers = cfg.feature_layer_list
+    if feature_layers:
+        check_layers(feature_layers, int(text_config.num_hidden_layers), f"student {cfg.student}")
+    if cfg.live_teacher:
+        check_teacher_compatible(cfg.teacher, tokenizer, config, feature_layers)
+        resolve_placement(cfg.teacher_placement, ds_cfg)
+        _check_positions(cfg, cfg.seq_len, text_config)
+        try:
+            cache = TextDataset(cfg.data, tokenizer, cfg.seq_len, cfg.max_sequences, cfg.text_field)
+        except CorpusError as e:
+            raise DistillConfigError(f"--data {cfg.data}: {e}") from e
+    else:
+        if Path(cfg.teacher_cache).is_dir():  # HDF5 would say so in a multi-line message
+            raise CacheFormatError(f"teacher cache {cfg.teacher_cache} is a folder; give the .h5 file that stage 2 "
+                                   "wrote")
+        cache = TeacherCacheDataset(cfg.teacher_cache, tokenizer=tokenizer, vocab_size=int(text_config.vocab_size))
+        _check_positions(cfg, cache.meta.seq_len, text_config)
+        if feature_layers:
+            cached = list(cache.meta.feature_layers)
+            missing = [layer for layer in feature_layers if layer not in cached]
+            if missing:
+                raise DistillConfigError(f"teacher cache {cfg.teacher_cache} holds the teacher's features of layers "
+                                         f"{cached or 'none'}, not {missing}: rebuild it with --cache-features "
+                                         f"{cfg.feature_layers} (--feature-target {cfg.feature_target}) or distil "
+                                         "from a live teacher (--teacher DIR --data TEXT)")
+            if cache.meta.feature_target != cfg.feature_target:
+                raise DistillConfigError(f"teacher cache {cfg.teacher_cache} holds {cache.meta.feature_target!r} "
+                                         f"features, --feature-target is {cfg.feature_target!r}")
+            cache.select_features(feature_layers)
     counts = experts_per_stage(cfg, config)
     names = {}  # parameter names and sizes per expert count: later stages resolve against the pruned model
     groups = []
@@ -248,7 +281,8 @@ def prepare(cfg: DistillConfig) -> Prepared:
     previous = output / CONFIG_FILE
     if done and previous.is_file():
         old, new = json.loads(previous.read_text()), cfg.to_dict()
-        changed = [k for k in _RESUME_KEYS if (not _same_stages(old.get(k), new[k]) if k == "stages"
+        keys = _RESUME_KEYS + (_LIVE_RESUME_KEYS if cfg.live_teacher else ())
+        changed = [k for k in keys if (not _same_stages(old.get(k), new[k]) if k == "stages"
                                                else old.get(k) != new[k])]
         if changed:
             raise DistillConfigError(f"{output} was started with other {', '.join(changed)} (see {previous}); "
@@ -449,8 +483,22 @@ def run_distill(cfg: DistillConfig) -> Path | None:
     os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_DIR", str(output))
+    placement = resolve_placement(cfg.teacher_placement, prep.ds_cfg) if cfg.live_teacher else None
+    teacher_dtype = _teacher_dtype(cfg)
+    teacher = None
+    if placement == "replicate":  # before the TrainingArguments: under their ZeRO-3 config zero.Init would partition it
+        model, precision = load_replicated(cfg.teacher, teacher_dtype, device_for(info), cfg.teacher_quantize,
+                                           cfg.trust_remote_code)
+        teacher = OnlineTeacher(model, cfg.teacher_top_k, cfg.feature_layer_list, cfg.feature_target,
+                                placement=placement, precision=precision)
     # TrainingArguments first: they make the HfDeepSpeedConfig that ZeRO-3 construction (zero.Init) needs.
     args = training_arguments(cfg)
+    if placement == "zero3":
+        hidden = int(_student_config(cfg).get_text_config().hidden_size)
+        engine, model = load_zero3(cfg.teacher, teacher_dtype, prep.ds_cfg, cfg.batch_size, hidden,
+                                   cfg.trust_remote_code)
+        teacher = OnlineTeacher(model, cfg.teacher_top_k, cfg.feature_layer_list, cfg.feature_target, engine=engine,
+                                placement=placement, precision=str(teacher_dtype).removeprefix("torch."))
     world = args.world_size
     global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world
     num_samples = cfg.max_steps * global_batch
@@ -458,17 +506,27 @@ def run_distill(cfg: DistillConfig) -> Path | None:
         output.mkdir(parents=True, exist_ok=True)
         _clean_after(output, prep.start_step)
         resolved = {**cfg.to_dict(), "world_size": world, "global_batch": global_batch}
-        for key in ("student", "teacher_cache", "output", "deepspeed", "tokenizer"):
+        for key in ("student", "teacher_cache", "teacher", "data", "output", "deepspeed", "tokenizer"):
             resolved[key] = str(Path(resolved[key]).resolve()) if resolved[key] else None
         write_atomic(output / CONFIG_FILE, json.dumps(resolved, indent=2) + "\n")
     barrier()
-    meta = prep.cache.meta
-    log_main("student %s, cache %s (%d sequences x %d tokens, k=%d, teacher %s), %d ranks, global batch %d "
-             "sequences = %d tokens/step; %d steps read %.2f passes over the cache", cfg.student, cfg.teacher_cache,
-             len(prep.cache), meta.seq_len, meta.k, meta.teacher_name, world, global_batch,
-             global_batch * meta.seq_len, cfg.max_steps, num_samples / len(prep.cache))
-    log_main("loss = (1 - %g) * CE + %g * %g^2 * KL (kd_tail: %s)", cfg.alpha, cfg.alpha, cfg.temperature,
-             cfg.kd_tail)
+    if teacher is not None:
+        seq_len = cfg.seq_len
+        log_main("student %s, %s from %s; text %s (%d sequences x %d tokens), %d ranks, global batch %d sequences = "
+                 "%d tokens/step; %d steps read %.2f passes over the text", cfg.student,
+                 describe(teacher, teacher_parameters(teacher)), cfg.teacher, cfg.data, len(prep.cache), seq_len,
+                 world, global_batch, global_batch * seq_len, cfg.max_steps, num_samples / len(prep.cache))
+    else:
+        meta = prep.cache.meta
+        log_main("student %s, cache %s (%d sequences x %d tokens, k=%d, teacher %s), %d ranks, global batch %d "
+                 "sequences = %d tokens/step; %d steps read %.2f passes over the cache", cfg.student,
+                 cfg.teacher_cache, len(prep.cache), meta.seq_len, meta.k, meta.teacher_name, world, global_batch,
+                 global_batch * meta.seq_len, cfg.max_steps, num_samples / len(prep.cache))
+    kl_over = ("the live teacher's full vocabulary" if teacher is not None and cfg.teacher_top_k is None
+               else f"kd_tail: {cfg.kd_tail}")
+    log_main("loss = (1 - %g) * CE + %g * %g^2 * KL (%s)%s", cfg.alpha, cfg.alpha, cfg.temperature, kl_over,
+             f" + {cfg.feature_weight:g} * sum over layers {cfg.feature_layers} of the {cfg.feature_loss} feature "
+             f"distance ({cfg.feature_target})" if cfg.feature_layers else "")
 
     from accelerate.state import AcceleratorState, GradientState
     from transformers import default_data_collator
@@ -505,11 +563,13 @@ def run_distill(cfg: DistillConfig) -> Path | None:
         args.max_steps = end
         dataset = DistillDataset(prep.cache, (end - start) * global_batch, cfg.seed, cfg.shuffle,
                                  offset=start * global_batch)
+        # Hooks on the module, before the engine wraps it (they fire inside ZeRO-3's gather/release of each module).
+        features = FeatureHooks(model, cfg.feature_layer_list, cfg.feature_target) if cfg.feature_layers else None
         trainer = DistillTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
                                  processing_class=prep.tokenizer, distill_cfg=cfg, stage_index=i,
                                  groups=prep.groups[i], ds_cfg=prep.ds_cfg,
                                  sparsity=sparsity if sparsity is not None and sparsity["keep_masks"] else None,
-                                 usage=usage, qat=qat)
+                                 usage=usage, qat=qat, teacher=teacher, student_features=features)
         try:
             trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         except BaseException as e:
@@ -532,5 +592,13 @@ def run_distill(cfg: DistillConfig) -> Path | None:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
         barrier()
+    if teacher is not None:
+        teacher.close()
     log_main("distillation done: %s", last)
     return last
+
+
+def _teacher_dtype(cfg: DistillConfig) -> torch.dtype:
+    """The live teacher's dtype: ``teacher_dtype``, or with ``auto`` the student's training dtype."""
+    name = cfg.teacher_dtype if cfg.teacher_dtype != "auto" else ("bf16" if cfg.bf16 else "fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]

@@ -11,8 +11,15 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from typing import Literal
+
+from .cache_teacher import QUANTIZE, Quantize
 from .cli import ConfigError, from_mapping
+from .features import FEATURE_LOSSES, FEATURE_TARGETS, FeatureConfigError, FeatureLoss, FeatureTarget, parse_layers
 from .kd_loss import TAIL_MODES, TailMode
+from .online_teacher import PLACEMENTS, Placement
+
+TeacherDtype = Literal["auto", "bf16", "fp16", "fp32"]
 
 CONFIG_FILE = "distill_config.json"  # resolved config, written into the output directory
 DEFAULT_DEEPSPEED = str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero3.json")
@@ -119,8 +126,21 @@ def stage_from_groups(steps: int, groups: list[str], default_lr_mult: float | No
 @dataclass
 class DistillConfig:
     student: str  # compressed checkpoint (stage 1) or any HF causal LM directory
-    teacher_cache: str  # OUT.h5 written by stage 2
     output: str  # run directory: checkpoint-<step>/, train_log.jsonl, distill_config.json
+    teacher_cache: str | None = None  # OUT.h5 written by stage 2 (or a live teacher: --teacher DIR --data D)
+    teacher: str | None = None  # live frozen teacher folder, run inside the job on every batch (needs --data)
+    data: str | None = None  # training text for --teacher: .jsonl/.json/.parquet/.txt file or folder (cache packing)
+    text_field: str | None = None  # --data's text column (None: "text", or the only string column)
+    seq_len: int = 2048  # tokens per packed sequence of --data
+    max_sequences: int | None = None  # cap on packed sequences of --data (None: the whole text)
+    teacher_top_k: int | None = None  # live teacher: KL over its top-k with the cache's tail rule; None: full vocab
+    teacher_placement: Placement = "auto"  # replicate (whole copy per rank) | zero3 (partitioned) | auto (zero3 under ZeRO-3)
+    teacher_dtype: TeacherDtype = "auto"  # live teacher precision; auto: bf16 with --bf16, else fp32
+    teacher_quantize: Quantize = "none"  # live teacher via bitsandbytes 8bit/4bit (nn.Linear only; replicate)
+    feature_layers: str | None = None  # "0,1,2": decoder layers whose outputs are matched (feature distillation)
+    feature_weight: float = 0.1  # beta in loss + beta * sum_l feature_l
+    feature_loss: FeatureLoss = "mse"  # mse (||h_s - h_t||^2 / ||h_t||^2 per layer) or cosine (1 - cos)
+    feature_target: FeatureTarget = "hidden"  # hidden: decoder layer output; moe: its MLP/MoE block output
     deepspeed: str | None = DEFAULT_DEEPSPEED  # DeepSpeed JSON (ZeRO-3 by default); none: the plain Trainer
     tokenizer: str | None = None  # tokenizer directory (default: the student's)
     max_steps: int | None = training_arg(None)  # total steps; must equal the sum of stage steps, if stages are given
@@ -159,6 +179,7 @@ class DistillConfig:
     def __post_init__(self):
         if self.deepspeed in ("none", ""):
             self.deepspeed = None
+        self._check_teacher()
         had_stages = bool(self.stages)
         self.stages = [_nested(StageConfig, s, "stage") for s in self.stages]
         if self.groups or self.default_lr_mult is not None:
@@ -215,6 +236,49 @@ class DistillConfig:
                                      f"or None, got {self.keep_training_state}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise DistillConfigError(f"save_total_limit must be >= 1 or None, got {self.save_total_limit}")
+
+    def _check_teacher(self) -> None:
+        """Exactly one teacher source; the live teacher's and the feature loss's settings."""
+        if (self.teacher_cache is None) == (self.teacher is None):
+            raise DistillConfigError("give exactly one teacher: --teacher-cache OUT.h5 (the cached top-k of stage 2) "
+                                     "or --teacher DIR with --data TEXT (a live teacher)"
+                                     + ("; both were given" if self.teacher is not None else ""))
+        if self.teacher is not None and not self.data:
+            raise DistillConfigError("--teacher needs --data: the training text the live teacher and student read")
+        if self.teacher is None and self.data:
+            raise DistillConfigError("--data is the live teacher's training text; with --teacher-cache the text is "
+                                     "the cache's")
+        if self.teacher_top_k is not None and (isinstance(self.teacher_top_k, bool) or self.teacher_top_k < 1):
+            raise DistillConfigError(f"teacher_top_k must be >= 1 or None (full vocabulary), got {self.teacher_top_k}")
+        if self.seq_len < 2:
+            raise DistillConfigError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.max_sequences is not None and self.max_sequences < 1:
+            raise DistillConfigError(f"max_sequences must be >= 1 or None, got {self.max_sequences}")
+        for name, choices in (("teacher_placement", PLACEMENTS), ("teacher_dtype", ("auto", "bf16", "fp16", "fp32")),
+                              ("teacher_quantize", QUANTIZE), ("feature_loss", FEATURE_LOSSES),
+                              ("feature_target", FEATURE_TARGETS)):
+            if getattr(self, name) not in choices:
+                raise DistillConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.teacher_quantize != "none" and self.teacher_placement == "zero3":
+            raise DistillConfigError("teacher_quantize (bitsandbytes) needs teacher_placement replicate: ZeRO-3 "
+                                     "partitions unquantised weights")
+        try:
+            layers = parse_layers(self.feature_layers)
+        except FeatureConfigError as e:
+            raise DistillConfigError(str(e)) from None
+        # canonical text, so the resolved config (and a resume's comparison) holds one spelling
+        self.feature_layers = ",".join(map(str, layers)) if layers else None
+        if not (self.feature_weight >= 0 and math.isfinite(self.feature_weight)):
+            raise DistillConfigError(f"feature_weight must be a finite number >= 0, got {self.feature_weight}")
+
+    @property
+    def feature_layer_list(self) -> list[int]:
+        """``feature_layers`` as sorted ints ([] when feature distillation is off)."""
+        return parse_layers(self.feature_layers)
+
+    @property
+    def live_teacher(self) -> bool:
+        return self.teacher is not None
 
     def stage_bounds(self) -> list[tuple[int, int]]:
         """(start, end) global steps of every stage: stage i trains steps start + 1 .. end."""

@@ -1,8 +1,9 @@
 """The distillation Trainer: KD loss on cached teacher top-k, per-stage optimizer and schedule, data order, callbacks.
 
-``DistillTrainer`` is a ``transformers.Trainer`` whose ``compute_loss`` is ``moe_ds.kd_loss.chunked_kd_loss``; it
-reads a ``DistillDataset`` in order (the order is a seeded function of the sample index, so a resumed run sees
-the batches of an uninterrupted one) and logs CE, KL, the scheduled rate and global tokens/s. Every checkpoint
+``DistillTrainer`` is a ``transformers.Trainer`` whose ``compute_loss`` is ``distill_loss``: the chunked KD loss of
+``moe_ds.kd_loss`` against the cached top-k or a live teacher (``moe_ds.online_teacher``), plus the feature term of
+``moe_ds.features`` when layers are chosen; it reads a ``DistillDataset`` in order (the order is a seeded function of the sample index, so a resumed run sees
+the batches of an uninterrupted one) and logs CE, KL, the feature term, the scheduled rate and global tokens/s. Every checkpoint
 is completed in the compressed format and marked ``CHECKPOINT_COMPLETE`` last, after a barrier.
 """
 
@@ -10,6 +11,7 @@ import contextlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +21,8 @@ from .checkpoint import finish_checkpoint
 from .dist import all_reduce_sum, barrier, disable_deepspeed_shm_op, dist_info, log_main
 from .distill_config import DistillConfig, offloads_optimizer
 from .distill_params import ResolvedGroup, apply_groups
-from .kd_loss import KDLoss, chunked_kd_loss
+from .features import feature_loss
+from .kd_loss import chunked_full_kd_loss, chunked_kd_loss
 from .qat import QUANTIZED_PREFIX, FakeQuantization, fake_quantize_checkpoint, write_quantized
 from .run_layout import CHECKPOINT_COMPLETE, CHECKPOINT_PREFIX, prune_training_state, write_atomic, write_json_atomic
 from .sparsity import USAGE_FILE, ExpertUsage, MaskedGradients, dense_expert_parameters
@@ -62,26 +65,56 @@ class DistillDataset(torch.utils.data.Dataset):
         return self.cache[self.index(self.offset + i)]
 
 
-def distill_loss(model, inputs: dict, cfg: DistillConfig) -> tuple[KDLoss, object]:
-    """The student's forward and its KD loss on one batch of the cache.
+@dataclass
+class LossTerms:
+    """One batch's distillation loss: ``loss`` carries the gradient; the terms are detached, for logging."""
+
+    loss: torch.Tensor  # scalar float32: (1 - alpha) CE + alpha tau^2 KL + beta * feature
+    ce: torch.Tensor  # scalar float32, mean next-token cross-entropy, nats
+    kl: torch.Tensor  # scalar float32, mean KL at temperature tau, nats (before tau^2)
+    feature: torch.Tensor | None = None  # scalar float32, sum over layers of the normalised feature distance
+
+
+def distill_loss(model, inputs: dict, cfg: DistillConfig, teacher=None, student_features=None) -> tuple[LossTerms,
+                                                                                                         object]:
+    """The student's forward and its distillation loss on one batch.
 
     Args:
         model: the student (or its DeepSpeed engine).
-        inputs: a collated ``TeacherCacheDataset`` batch: input_ids [B, T] int64, topk_ids [B, T, k] int64,
-            topk_logits [B, T, k] float32, logsumexp [B, T] float32, optionally attention_mask [B, T].
-        cfg: alpha, temperature, kd_tail and kd_chunk_size are used.
+        inputs: a collated batch: input_ids [B, T] int64, optionally attention_mask [B, T]; from the cache also
+            topk_ids [B, T, k] int64, topk_logits [B, T, k] float32, logsumexp [B, T] float32 and, when the cache
+            holds features, teacher_features [B, L, T, H].
+        cfg: alpha, temperature, kd_tail, kd_chunk_size, feature_weight and feature_loss are used.
+        teacher: a live ``moe_ds.online_teacher.OnlineTeacher`` (None: the targets are in ``inputs``); run first,
+            under no_grad, on the same input ids.
+        student_features: ``moe_ds.features.FeatureHooks`` on the student (None: no feature term).
 
     Returns:
-        (KDLoss, model outputs). Labels are the input ids (shifted inside the loss); padding is ignored.
+        (LossTerms, model outputs). Labels are the input ids (shifted inside the loss); padding is ignored. The KL
+        is ``chunked_kd_loss`` on a top-k (cached, or the live teacher's ``teacher_top_k``) or
+        ``chunked_full_kd_loss`` on the live teacher's full logits: the same loss code.
     """
     input_ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
+    targets = teacher(input_ids, mask) if teacher is not None else inputs
+    if student_features is not None:
+        student_features.clear()
     outputs = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
     labels = input_ids if mask is None else input_ids.masked_fill(mask == 0, -100)
-    r = chunked_kd_loss(outputs.logits, labels, inputs["topk_ids"], inputs["topk_logits"], inputs["logsumexp"],
-                        alpha=cfg.alpha, temperature=cfg.temperature, tail=cfg.kd_tail, attention_mask=mask,
-                        chunk_size=cfg.kd_chunk_size)
-    return r, outputs
+    if "teacher_logits" in targets:
+        r = chunked_full_kd_loss(outputs.logits, labels, targets["teacher_logits"], alpha=cfg.alpha,
+                                 temperature=cfg.temperature, attention_mask=mask, chunk_size=cfg.kd_chunk_size)
+    else:
+        r = chunked_kd_loss(outputs.logits, labels, targets["topk_ids"], targets["topk_logits"], targets["logsumexp"],
+                            alpha=cfg.alpha, temperature=cfg.temperature, tail=cfg.kd_tail, attention_mask=mask,
+                            chunk_size=cfg.kd_chunk_size)
+    if student_features is None:
+        return LossTerms(r.loss, r.ce, r.kl), outputs
+    feats = targets["teacher_features"]
+    if isinstance(feats, torch.Tensor):  # cached: [B, L, T, H]
+        feats = list(feats.unbind(1))
+    feature, _ = feature_loss(student_features.take(), feats, cfg.feature_loss, mask)
+    return LossTerms(r.loss + cfg.feature_weight * feature, r.ce, r.kl, feature.detach()), outputs
 
 
 class DistillTrainer(Trainer):
@@ -89,7 +122,7 @@ class DistillTrainer(Trainer):
 
     def __init__(self, *, distill_cfg: DistillConfig, stage_index: int, groups: list[ResolvedGroup],
                  ds_cfg: dict | None = None, sparsity: dict | None = None, usage: ExpertUsage | None = None,
-                 qat: FakeQuantization | None = None, **kwargs):
+                 qat: FakeQuantization | None = None, teacher=None, student_features=None, **kwargs):
         """``kwargs`` go to ``Trainer``; the stage's checkpoint and log callbacks are added to its ``callbacks``.
 
         Args:
@@ -101,6 +134,9 @@ class DistillTrainer(Trainer):
             qat: the stage's fake quantization (``moe_ds.qat.FakeQuantization``, already installed on the model):
                 its relative error is logged as ``fq_error`` (experts) and ``fq_error_router``; the stage's last
                 checkpoint is written quantized (``CheckpointCallback``).
+            teacher: the live teacher (``moe_ds.online_teacher.OnlineTeacher``); None: targets from the cache.
+            student_features: feature hooks on the student (``moe_ds.features.FeatureHooks``); its term is logged
+                as ``feature``.
         """
         start, end = distill_cfg.stage_bounds()[stage_index]
         callbacks = [*(kwargs.pop("callbacks", None) or []),
@@ -111,7 +147,9 @@ class DistillTrainer(Trainer):
         self.distill_cfg, self.stage_index, self.groups, self.ds_cfg = distill_cfg, stage_index, groups, ds_cfg
         self.sparsity, self.usage, self.masks, self.qat = sparsity, usage, None, qat
         self.stage, self.stage_start = distill_cfg.stages[stage_index], start
-        self._kd_sums = torch.zeros(3, dtype=torch.float64)  # ce sum, kl sum, micro-batches since the last log
+        self.teacher, self.student_features = teacher, student_features
+        # ce sum, kl sum, feature sum, micro-batches since the last log
+        self._kd_sums = torch.zeros(4, dtype=torch.float64)
         self._tokens = 0
         self._last_log_time = time.time()
 
@@ -120,9 +158,10 @@ class DistillTrainer(Trainer):
         # Usage counts the training forward only: not gradient checkpointing's recomputation in the backward.
         counting = self.usage.counting() if self.usage is not None and model.training else contextlib.nullcontext()
         with counting:
-            r, outputs = distill_loss(model, inputs, self.distill_cfg)
+            r, outputs = distill_loss(model, inputs, self.distill_cfg, self.teacher, self.student_features)
         if model.training:
-            self._kd_sums += torch.tensor([float(r.ce), float(r.kl), 1.0], dtype=torch.float64)
+            feature = float(r.feature) if r.feature is not None else 0.0
+            self._kd_sums += torch.tensor([float(r.ce), float(r.kl), feature, 1.0], dtype=torch.float64)
             self._tokens += inputs["input_ids"].numel()
         return (r.loss, outputs) if return_outputs else r.loss
 
@@ -190,11 +229,13 @@ class DistillTrainer(Trainer):
             sums = torch.cat([self._kd_sums, torch.tensor([float(self._tokens)], dtype=torch.float64)])
             sums = all_reduce_sum(sums)  # on the rank's GPU under NCCL, which has no CPU tensors
             now = time.time()
-            if sums[2] > 0:
+            if sums[3] > 0:
                 # significant digits, not decimals: a KL of 3e-6 (an almost untrained toy) must not read as 0
-                logs["ce"] = float(f"{float(sums[0] / sums[2]):.6g}")
-                logs["kl"] = float(f"{float(sums[1] / sums[2]):.6g}")
-            logs["tokens_per_s"] = round(float(sums[3]) / max(now - self._last_log_time, 1e-9), 1)
+                logs["ce"] = float(f"{float(sums[0] / sums[3]):.6g}")
+                logs["kl"] = float(f"{float(sums[1] / sums[3]):.6g}")
+                if self.student_features is not None:
+                    logs["feature"] = float(f"{float(sums[2] / sums[3]):.6g}")
+            logs["tokens_per_s"] = round(float(sums[4]) / max(now - self._last_log_time, 1e-9), 1)
             # The Trainer's learning_rate is its first optimizer group's; "lr" is the run's base rate times the
             # stage's schedule, the same whatever the groups' multipliers.
             trained = [g for g in self.groups if not g.frozen]
@@ -216,8 +257,9 @@ class DistillTrainer(Trainer):
 
 
     def remove_hooks(self) -> None:
-        """Drop the gradient masks, usage hooks and fake quantization from the model (the stage is over)."""
-        for hooks in (self.masks, self.usage, self.qat):
+        """Drop the gradient masks, usage and feature hooks and fake quantization from the model (the stage is
+        over)."""
+        for hooks in (self.masks, self.usage, self.qat, self.student_features):
             if hooks is not None:
                 hooks.remove()
 
@@ -280,7 +322,7 @@ class JsonlLogCallback(TrainerCallback):
                    "ce": logs.get("ce"), "kl": logs.get("kl"), "lr": logs.get("lr", logs.get("learning_rate")),
                    "grad_norm": logs.get("grad_norm"), "tokens_per_s": logs.get("tokens_per_s"),
                    "time": round(time.time(), 3)}
-            for key in ("zeros_held", "fq_error", "fq_error_router"):
+            for key in ("feature", "zeros_held", "fq_error", "fq_error_router"):
                 if key in logs:
                     row[key] = logs[key]
             with open(Path(args.output_dir) / LOG_FILE, "a") as f:

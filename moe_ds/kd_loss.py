@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 # "bucket": k + 1 categories, the top-k ids and one bucket for the rest; "renormalize": the teacher on its top-k.
+# ("full", the teacher's full logits, is chunked_full_kd_loss's internal mode, not a cache setting.)
 TailMode = Literal["bucket", "renormalize"]
 TAIL_MODES = get_args(TailMode)
 IGNORE_INDEX = -100
@@ -92,7 +93,7 @@ class _ChunkedKD(torch.autograd.Function):
     def forward(ctx, logits, target, kl_mask, topk_ids, topk_logits, logsumexp, alpha, temperature, tail,
                 chunk_size):
         n, v = logits.shape
-        k = topk_ids.shape[-1]
+        k = topk_ids.shape[-1] if topk_ids is not None else v
         tau = float(temperature)
         need_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(logits) if need_grad else None
@@ -106,14 +107,23 @@ class _ChunkedKD(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z = logits[s:e].float()
-            ids, tgt, valid, kmask = topk_ids[s:e], target[s:e], ce_valid[s:e], kl_mask[s:e]
+            ids = topk_ids[s:e] if topk_ids is not None else None
+            tgt, valid, kmask = target[s:e], ce_valid[s:e], kl_mask[s:e]
             # --- cross-entropy at tau = 1: -log softmax(z)_y; d/dz = softmax(z) - onehot(y)
             lse1 = torch.logsumexp(z, dim=-1)
             safe_tgt = tgt.clamp_min(0)
             ce_rows = (lse1 - z.gather(1, safe_tgt[:, None]).squeeze(1)) * valid
             ce_sum += ce_rows.sum(dtype=torch.float64)
             # --- KL at temperature tau
-            if tail == "renormalize":
+            if tail == "full":  # the teacher's full logits [n, V] arrive in topk_logits (online teacher)
+                logq = torch.log_softmax(z / tau, dim=-1)
+                logpi = torch.log_softmax(topk_logits[s:e].float() / tau, dim=-1)
+                pi = logpi.exp()
+                kl_rows = (pi * (logpi - logq)).sum(-1) * kmask
+                if need_grad:
+                    # d KL / dz = (softmax(z / tau) - softmax(t / tau)) / tau
+                    g_kl = logq.exp_().sub_(pi).div_(tau)
+            elif tail == "renormalize":
                 logq = z / tau
                 logq -= torch.logsumexp(logq, dim=-1, keepdim=True)
                 logpi = torch.log_softmax(topk_logits[s:e].float() / tau, dim=-1)
@@ -160,6 +170,46 @@ class _ChunkedKD(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_ce, grad_kl):
         (grad,) = ctx.saved_tensors
         return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None, None, None
+
+
+def chunked_full_kd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
+                         alpha: float = 0.5, temperature: float = 1.0, attention_mask: torch.Tensor | None = None,
+                         chunk_size: int = 512) -> KDLoss:
+    """(1 - alpha) * CE + alpha * tau^2 * KL(softmax(t / tau) || softmax(z / tau)) against the teacher's full
+    logits (a live teacher, ``moe_ds.online_teacher``), in the chunked pass of ``chunked_kd_loss``.
+
+    The same loss code as the cached top-k: CE, masks, averaging and the analytic gradient written into one
+    logits-sized buffer are shared; only the KL rows differ (the teacher is known on every id, so no tail).
+    Equal to ``full_vocab_kd_loss`` and to ``chunked_kd_loss`` with k = V.
+
+    Args:
+        logits: [B, T, V] student logits, any float dtype (upcast one chunk at a time).
+        labels: [B, T] int64, as in ``chunked_kd_loss``.
+        teacher_logits: [B, T, V] teacher logits, any float dtype, no gradient.
+        alpha, temperature, attention_mask, chunk_size: as in ``chunked_kd_loss``.
+
+    Returns:
+        KDLoss, as ``chunked_kd_loss``.
+
+    Raises:
+        ValueError: shapes disagree, alpha outside [0, 1], tau <= 0 or chunk_size < 1.
+    """
+    if logits.dim() == 3:  # _check: one stand-in top-1 column, only its shape is read
+        _check(logits, labels, labels[..., None], logits[..., :1], labels.float(), alpha, temperature, "bucket",
+               attention_mask)
+    else:
+        raise ValueError(f"logits must be [batch, seq, vocab], got shape {tuple(logits.shape)}")
+    if teacher_logits.shape != logits.shape:
+        raise ValueError(f"teacher_logits must have the student logits' shape {tuple(logits.shape)}, got "
+                         f"{tuple(teacher_logits.shape)} (teacher and student need one vocabulary)")
+    b, t, v = logits.shape
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    target, kl_mask = _targets(labels, attention_mask)
+    loss, ce, kl = _ChunkedKD.apply(logits.reshape(b * t, v), target, kl_mask, None,
+                                    teacher_logits.detach().reshape(b * t, v), None, float(alpha),
+                                    float(temperature), "full", int(chunk_size))
+    return KDLoss(loss, ce, kl, int((target != IGNORE_INDEX).sum()), int(kl_mask.sum()))
 
 
 def chunked_kd_loss(logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor, topk_logits: torch.Tensor,

@@ -49,6 +49,19 @@ _DATASETS = {
 }
 
 
+# Attributes a cache written before they existed lacks (read as their defaults: no features).
+_OPTIONAL_ATTRS = ("feature_layers", "feature_target", "hidden_size")
+
+
+def datasets_of(meta: "CacheMeta") -> dict:
+    """``_DATASETS`` plus, for a cache with features, ``features``: [N, L, T, H] float16, the teacher's outputs of
+    ``meta.feature_layer_list`` (in that order) at every position."""
+    if not meta.feature_layers:
+        return _DATASETS
+    n, h = len(meta.feature_layer_list), meta.hidden_size
+    return {**_DATASETS, "features": (np.float16, lambda t, k: (n, t, h))}
+
+
 class CacheFormatError(ValueError):
     """A cache file is missing, truncated, corrupted, incomplete, of another version or inconsistent."""
 
@@ -79,6 +92,9 @@ class CacheMeta:
     teacher_dtype: str  # precision the teacher ran in ("float32", "bfloat16", "8bit", ...)
     compression: str  # "none" | "lzf" | "gzip"
     world_size: int  # number of shards; sequence g lives in shard g % world_size, row g // world_size
+    feature_layers: str = ""  # "8,16,24": decoder layers whose outputs the "features" dataset holds ("": none)
+    feature_target: str = ""  # "hidden" (decoder layer output) or "moe" (its MLP/MoE block output); "": none
+    hidden_size: int = 0  # H of the stored features (0: none)
     num_sequences: int = 0  # N, rows in this file
     complete: bool = False  # True only once every row is written (set last)
     created: str = ""  # ISO time the file was (last) created
@@ -86,6 +102,15 @@ class CacheMeta:
     @property
     def num_tokens(self) -> int:
         return self.num_sequences * self.seq_len
+
+    @property
+    def feature_layer_list(self) -> list[int]:
+        return [int(x) for x in self.feature_layers.split(",") if x]
+
+    @property
+    def feature_bytes_per_token(self) -> int:
+        """Uncompressed bytes of the cached features per token: 2 (float16) x layers x hidden size."""
+        return 2 * len(self.feature_layer_list) * self.hidden_size
 
     def identity(self) -> dict:
         """The fields that must agree between the shards of one cache and across a resume."""
@@ -108,12 +133,14 @@ class CacheMeta:
         if version != FORMAT_VERSION:
             raise CacheFormatError(f"{path}: unknown format version {version} (this code reads version "
                                    f"{FORMAT_VERSION}); re-create the cache or update moe_ds")
-        missing = [f.name for f in fields(cls) if f.name not in attrs]
+        missing = [f.name for f in fields(cls) if f.name not in attrs and f.name not in _OPTIONAL_ATTRS]
         if missing:
             raise CacheFormatError(f"{path}: missing attribute(s) {', '.join(missing)}; the file is damaged or "
                                    "was not written by moe_ds.teacher_cache")
         values = {}
         for f in fields(cls):
+            if f.name not in attrs:  # an optional attribute of a cache written before it existed: its default
+                continue
             v = attrs[f.name]
             v = v.decode() if isinstance(v, bytes) else v
             values[f.name] = bool(v) if f.type in (bool, "bool") else (int(v) if f.type in (int, "int") else str(v))
@@ -202,7 +229,7 @@ def _open(path: Path, mode: str = "r") -> h5py.File:
 
 
 def _check_datasets(f: h5py.File, meta: CacheMeta, path: Path) -> None:
-    for name, (dtype, trailing) in _DATASETS.items():
+    for name, (dtype, trailing) in datasets_of(meta).items():
         if name not in f:
             raise CacheFormatError(f"{path}: dataset '{name}' is missing")
         d = f[name]
@@ -430,7 +457,7 @@ class ShardWriter:
                                        f"output?): {e}") from e
             raise
         # Rows past the last flushed count belong to a batch that was in flight when the run stopped.
-        for name in _DATASETS:
+        for name in datasets_of(self.meta):
             self._f[name].resize(self.num_done, axis=0)
 
     def _create(self) -> None:
@@ -443,14 +470,14 @@ class ShardWriter:
             filters = {"compression": self.meta.compression, "shuffle": True}
             if self.meta.compression == "gzip":
                 filters["compression_opts"] = self.gzip_level
-        for name, (dtype, trailing) in _DATASETS.items():
+        for name, (dtype, trailing) in datasets_of(self.meta).items():
             tail = trailing(self.meta.seq_len, self.meta.k)
             self._f.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), chunks=(1, *tail), dtype=dtype,
                                    fletcher32=True, **filters)
         self._write_attrs()
 
     def _write_rows(self, n: int, arrays: dict[str, np.ndarray]) -> None:
-        for name, (dtype, _) in _DATASETS.items():
+        for name, (dtype, _) in datasets_of(self.meta).items():
             d = self._f[name]
             d.resize(n + len(arrays[name]), axis=0)
             d[n:] = arrays[name].astype(dtype)
@@ -460,7 +487,7 @@ class ShardWriter:
             self._f.attrs[key] = value
         self._f.flush()
 
-    def append(self, input_ids, topk_ids, topk_logits, logsumexp) -> None:
+    def append(self, input_ids, topk_ids, topk_logits, logsumexp, features=None) -> None:
         """Append B sequences.
 
         Args:
@@ -468,17 +495,30 @@ class ShardWriter:
             topk_ids: [B, T, k] integer ids in [0, vocab_size).
             topk_logits: [B, T, k] float, finite and within float16 range.
             logsumexp: [B, T] float.
+            features: [B, L, T, H] float, finite and within float16 range: required when the cache holds features
+                (``meta.feature_layers``), refused otherwise.
 
         Raises:
-            ValueError: shapes disagree with (T, k), or ids/logits are out of range.
+            ValueError: shapes disagree with (T, k) (or (L, T, H)), ids/logits/features are out of range, or
+                features are missing or unexpected.
             RuntimeError: the shard is already complete.
         """
         if self.complete:
             raise RuntimeError(f"{self.path} is complete; nothing may be appended")
+        if (features is None) != (not self.meta.feature_layers):
+            raise ValueError("features must be given exactly when the cache holds features "
+                             f"(feature_layers={self.meta.feature_layers!r})")
         arrays = {"input_ids": input_ids, "topk_ids": topk_ids, "topk_logits": topk_logits, "logsumexp": logsumexp}
-        arrays = {k: (v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in arrays.items()}
+        if features is not None:
+            arrays["features"] = features
+        arrays = {k: (v.float().cpu().numpy() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16
+                      else v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in arrays.items()}
         b = arrays["input_ids"].shape[0]
-        for name, (dtype, trailing) in _DATASETS.items():
+        if features is not None:
+            f32 = arrays["features"].astype(np.float32)
+            if not np.isfinite(f32).all() or np.abs(f32).max(initial=0) > FLOAT16_MAX:
+                raise ValueError("features are non-finite or beyond float16's range (|x| > 65504)")
+        for name, (dtype, trailing) in datasets_of(self.meta).items():
             want = (b, *trailing(self.meta.seq_len, self.meta.k))
             if arrays[name].shape != want:
                 raise ValueError(f"{name}: shape {arrays[name].shape}, expected {want}")
@@ -566,7 +606,7 @@ def write_index(output: str | Path, world_size: int) -> CacheMeta:
 
 def _write_index_file(f: h5py.File, output: Path, meta: CacheMeta, paths: list[Path], metas: list[CacheMeta]):
     total = meta.num_sequences
-    for name, (dtype, trailing) in _DATASETS.items():
+    for name, (dtype, trailing) in datasets_of(meta).items():
         tail = trailing(meta.seq_len, meta.k)
         layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dtype)
         for r, (p, m) in enumerate(zip(paths, metas)):
@@ -632,9 +672,22 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
         check_tokenizer_compatible(self.meta, tokenizer, vocab_size)
         self._files: dict[int, h5py.File] = {}
         self._pid = os.getpid()
+        self._features: list[int] | None = None  # positions in meta.feature_layer_list read as teacher_features
 
     def __len__(self) -> int:
         return self.meta.num_sequences
+
+    def select_features(self, layers: list[int]) -> None:
+        """Also read the teacher's features of ``layers`` (item key ``teacher_features``: [L, T, H] float32).
+
+        Raises:
+            CacheFormatError: a layer the cache holds no features of.
+        """
+        cached = self.meta.feature_layer_list
+        missing = [layer for layer in layers if layer not in cached]
+        if missing:
+            raise CacheFormatError(f"{self.path} holds no features of layer(s) {missing} (it has {cached or 'none'})")
+        self._features = [cached.index(layer) for layer in layers]
 
     def _shard(self, r: int) -> h5py.File:
         if self._pid != os.getpid():  # forked into a worker: the parent's handles are not ours
@@ -655,10 +708,18 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
         except OSError as e:
             raise CacheFormatError(f"{self.shard_paths[r]}: cannot read sequence {i} (row {row}); the file is "
                                    f"corrupted: {e}") from e
-        return {"input_ids": torch.from_numpy(arrays["input_ids"].astype(np.int64)),
+        item = {"input_ids": torch.from_numpy(arrays["input_ids"].astype(np.int64)),
                 "topk_ids": torch.from_numpy(arrays["topk_ids"].astype(np.int64)),
                 "topk_logits": torch.from_numpy(arrays["topk_logits"].astype(np.float32)),
                 "logsumexp": torch.from_numpy(arrays["logsumexp"])}
+        if self._features is not None:
+            try:
+                feats = f["features"][row, self._features] if self._features else f["features"][row, :0]
+            except OSError as e:
+                raise CacheFormatError(f"{self.shard_paths[r]}: cannot read the features of sequence {i}; the file "
+                                       f"is corrupted: {e}") from e
+            item["teacher_features"] = torch.from_numpy(feats.astype(np.float32))
+        return item
 
     def close(self) -> None:
         for f in self._files.values():
