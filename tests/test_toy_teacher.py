@@ -1,13 +1,18 @@
 """The toy-teacher builder: corpus split, a tiny training run, the saved teacher and its cache."""
 
 import json
+import platform
 import shutil
+from dataclasses import asdict
 
 import pytest
+import torch
 import transformers as T
+from conftest import load_launcher, tiny_model
 
-from moe_ds.toy_teacher import (HELDOUT_FILE, RECORD, TRAIN_FILE, TeacherConfig, build_teacher, load_documents,
-                                split_documents, stdlib_dir, stdlib_files)
+from moe_ds.toy_teacher import (HELDOUT_FILE, PRESET_OUTPUTS, PRESETS, RECORD, TRAIN_FILE, BuildTeacherConfig,
+                                TeacherConfig, ToyTeacherError, build_teacher, cache_key, control_config,
+                                load_documents, mean_experts, split_documents, stdlib_dir, stdlib_files)
 
 TINY = {"vocab_size": 300, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
         "num_experts": 4, "top_k": 2, "moe_intermediate_size": 32, "seq_len": 32, "batch_size": 8, "steps": 25,
@@ -88,3 +93,74 @@ def test_tiny_build_trains_saves_and_caches(tmp_path, small_stdlib):
     forced = build_teacher(TeacherConfig(**{**TINY, "steps": 5}), out, force=True, stdlib_root=small_stdlib)
     assert not forced["cached"] and forced["heldout_ppl"] == changed["heldout_ppl"]
     assert (data / HELDOUT_FILE).read_bytes() == held_bytes
+
+
+# ------------------------------------------------------------------ presets, the control run and mean experts (#16)
+
+def test_default_cache_key_is_pinned(monkeypatch):
+    """The demo's teacher and every test fixture built from TeacherConfig() are found by this key: a new field or
+    default that changes it would silently rebuild them all."""
+    monkeypatch.setattr(platform, "python_version", lambda: "3.11.7")
+    files = ["json/__init__.py", "os.py"]
+    assert cache_key(TeacherConfig(), files) == "5abd1cb49158120e7219d8ff01a9a5d52aeeeb52d549e4e48bda6196e509062c"
+    assert cache_key(TeacherConfig.preset("demo"), files) == cache_key(TeacherConfig(), files)
+
+
+def test_strong_preset_is_its_own_teacher_in_its_own_folder():
+    strong, files = TeacherConfig.preset("strong"), ["os.py"]
+    assert asdict(strong) != asdict(TeacherConfig()) and strong.steps > TeacherConfig().steps
+    assert cache_key(strong, files) != cache_key(TeacherConfig(), files)
+    assert {k for k, v in asdict(strong).items() if v != asdict(TeacherConfig())[k]} == set(PRESETS["strong"])
+    build = BuildTeacherConfig.preset("strong")
+    assert build.output == PRESET_OUTPUTS["strong"] != BuildTeacherConfig().output  # never over the demo's teacher
+    assert asdict(build.teacher_config()) == asdict(strong)
+    timed = BuildTeacherConfig.preset("strong", minutes=2.0, output="x/teacher")  # minutes replace the steps
+    assert timed.steps is None and timed.minutes == 2.0 and timed.output == "x/teacher"
+    assert TeacherConfig.preset("strong", seed=3).seed == 3
+    with pytest.raises(ToyTeacherError, match="unknown teacher preset 'huge'"):
+        TeacherConfig.preset("huge")
+
+
+def test_builder_command_line_applies_the_preset_under_the_flags(monkeypatch, capsys):
+    launch = load_launcher("build_toy_teacher")
+    built = []
+
+    def fake_build(cfg, output, force=False):
+        built.append((cfg, output))
+        return {"cached": True, "heldout_ppl": 1.0, "heldout_ppl_before": 2.0, "params": {"total": 1}, "steps": 1,
+                "seconds": 0}
+
+    monkeypatch.setattr(launch, "build_teacher", fake_build)
+    launch.main(["--preset", "strong", "--seed", "5"])
+    launch.main([])
+    (strong, out_strong), (demo, out_demo) = built
+    assert asdict(strong) == asdict(TeacherConfig.preset("strong", seed=5)) and out_strong == PRESET_OUTPUTS["strong"]
+    assert asdict(demo) == asdict(TeacherConfig()) and out_demo == "runs/toy/teacher"
+
+
+def test_control_config_is_the_demo_distillation_budget():
+    cfg = TeacherConfig.preset("strong")
+    ctrl = control_config(cfg)
+    assert (ctrl.steps, ctrl.batch_size, ctrl.lr, ctrl.final_lr_frac, ctrl.weight_decay) == (300, 8, 1e-4, 0.0, 0.0)
+    assert ctrl.steps * ctrl.batch_size * ctrl.seq_len == 300 * 2 * 4 * 256  # the demo's 2 ranks x 4 sequences
+    assert (ctrl.hidden_size, ctrl.num_experts, ctrl.seq_len, ctrl.seed) == (cfg.hidden_size, cfg.num_experts,
+                                                                              cfg.seq_len, cfg.seed + 1)
+    assert control_config(TeacherConfig(steps=None, minutes=1.0)).minutes is None  # a step budget, not a time one
+
+
+def test_mean_experts_makes_every_expert_the_mean(family):
+    model = tiny_model(family)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert mean_experts(model) is model
+    changed = set()
+    for name, p in model.named_parameters():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            old = before[name]
+            assert not torch.allclose(old[0], old[1])  # the test would pass trivially on equal experts
+            torch.testing.assert_close(p, old.mean(0, keepdim=True).expand_as(old), rtol=0, atol=1e-6)
+            changed.add(name)
+        else:
+            assert torch.equal(p, before[name]), name  # router, shared experts, attention untouched
+    assert changed and len(changed) % 2 == 0
+    x = torch.randint(0, 50, (2, 8))
+    assert torch.isfinite(model(input_ids=x).logits).all()
