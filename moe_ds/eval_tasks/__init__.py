@@ -21,7 +21,8 @@ ARC-Easy, BoolQ, HellaSwag, MMLU, OpenBookQA, RTE, WinoGrande; their Mixtral row
 group whose ``acc`` is the unweighted mean of the eight tasks' ``acc``. lm-eval averages a group over its leaf
 tasks, so MMLU enters ``mc8`` as one task over all 57 subjects (each document keeps its subject's description),
 whose 0-shot ``acc`` equals the ``mmlu`` group's size-weighted ``acc`` (its documents take the subjects in turn,
-so that ``--limit N`` samples N subjects).
+so that ``--limit N`` samples N subjects). ``mc8`` is defined 0-shot: with ``--num-fewshot`` that one-task MMLU
+takes the first dev examples of the first subjects, not the evaluated subject's.
 
 lm-eval reads ``dataset_path: json`` tasks with ``data_files`` resolved against the current directory,
 not the YAML's, so the shipped YAMLs are templates (``@DATA_DIR@``, ``@TEXT_FILE@``) that
