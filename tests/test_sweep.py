@@ -1,0 +1,238 @@
+"""launch/sweep.py and moe_ds.sweep: config validation, the table/CSV/plot writers, and resuming a sweep."""
+
+import copy
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from moe_ds import sweep
+from moe_ds.stage_runner import StageFailed
+from moe_ds.sweep import SweepConfigError, parse_config
+
+
+@pytest.fixture
+def texts(tmp_path, stdlib_text) -> tuple[Path, Path]:
+    """(train, held-out) JSONL files of stdlib source."""
+    train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    chunks = [stdlib_text[i:i + 2000] for i in range(0, 60_000, 2000)]
+    train.write_text("".join(json.dumps({"text": c}) + "\n" for c in chunks[:24]))
+    heldout.write_text("".join(json.dumps({"text": c}) + "\n" for c in chunks[24:]))
+    return train, heldout
+
+
+def smoke(tmp_path: Path, teacher: Path, texts, **changes) -> dict:
+    """sweeps/smoke.yaml with the tiny teacher, its texts and an output under tmp_path."""
+    data = yaml.safe_load((REPO / "sweeps" / "smoke.yaml").read_text())
+    data["output"] = str(tmp_path / "sweep")
+    data["testbeds"][0].update(teacher=str(teacher), train=str(texts[0]), heldout=str(texts[1]))
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize("shipped", ["toy.yaml", "smoke.yaml"])
+def test_shipped_configs_validate(shipped, tmp_path, tiny_lm_dir, texts):
+    data = yaml.safe_load((REPO / "sweeps" / shipped).read_text())
+    for tb in data["testbeds"]:  # the toy teacher is built by make demo: validate against the tiny stand-in
+        tb.update(teacher=str(tiny_lm_dir), train=str(texts[0]), heldout=str(texts[1]))
+    cfg = parse_config(data)
+    assert cfg.budgets and cfg.methods and cfg.distill.steps >= 1
+    if shipped == "toy.yaml":
+        names = {m.name: m for m in cfg.methods}
+        assert {"shared_core", "lowrank", "delta", "prune", "merge", "magnitude"} <= set(names)
+        assert names["shared_core+int4"].flags["quantize"] == "int4-g64"
+        assert names["lowrank/act"].calibration and names["lowrank/act"].flags["objective"] == "activation"
+        assert names["prune"].calibration and not names["lowrank"].calibration  # structural methods need one
+        assert cfg.budgets == [0.5, 0.25, 0.125]
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"bogus": 1}, "bogus"),
+    ({"budgets": [0.5, 1.5]}, "budgets"),
+    ({"budgets": []}, "budgets"),
+    ({"methods": [{"name": "nonsense"}]}, "methods[0].method"),
+    ({"methods": [{"name": "lowrank", "bogus_flag": 1}]}, "methods[0].bogus_flag"),
+    ({"methods": [{"name": "lowrank", "target_ratio": 0.3}]}, "methods[0].target_ratio"),
+    ({"methods": [{"name": "lowrank", "objective": "activation"}]}, "methods[0].objective"),
+    ({"methods": [{"name": "lowrank", "quantize": "int3-g7"}]}, "methods[0].quantize"),
+    ({"methods": [{"name": "lowrank"}, {"name": "lowrank"}]}, "duplicate"),
+    ({"methods": [{"name": "a b", "method": "lowrank"}]}, "methods[0].name"),
+    ({"distill": {"steps": 0}}, "distill.steps"),
+    ({"distill": {"steps": 2, "student": "x"}}, "distill.student"),
+    ({"distill": {"steps": 2, "no_such_flag": 1}}, "distill.no_such_flag"),
+    ({"cache": {"top_k": 0}}, "cache.top_k"),
+    ({"cache": {"topk": 8}}, "cache: unknown key(s) ['topk']"),
+    ({"nproc": 0}, "nproc"),
+    ({"testbeds": []}, "testbeds"),
+])
+def test_bad_configs_name_the_key(change, key, tmp_path, tiny_lm_dir, texts):
+    data = smoke(tmp_path, tiny_lm_dir, texts)
+    data.update(copy.deepcopy(change))
+    with pytest.raises(SweepConfigError, match=re.escape(key)):
+        parse_config(data)
+
+
+def test_missing_files_and_keys(tmp_path, tiny_lm_dir, texts):
+    data = smoke(tmp_path, tiny_lm_dir, texts)
+    data["testbeds"][0]["heldout"] = str(tmp_path / "missing.jsonl")
+    with pytest.raises(SweepConfigError, match=r"testbeds\[0\]\.heldout: .*missing.jsonl does not exist"):
+        parse_config(data)
+    data = smoke(tmp_path, tiny_lm_dir, texts)
+    del data["budgets"]
+    with pytest.raises(SweepConfigError, match="budgets is missing"):
+        parse_config(data)
+    with pytest.raises(SweepConfigError, match="does not exist"):
+        sweep.load_config(tmp_path / "nope.yaml")
+
+
+def test_infeasible_budgets(tiny_lm_dir):
+    """The tiny teacher: E = 6, top-2, d = 32, I = 24, float32."""
+    m = lambda name, **flags: sweep.MethodConfig(name, name, name in ("prune", "merge"), flags)  # noqa: E731
+    assert sweep.infeasible_reason(tiny_lm_dir, m("prune"), 0.5) is None  # 3 of 6 experts
+    assert "fewer than top-k = 2" in sweep.infeasible_reason(tiny_lm_dir, m("prune"), 0.25)  # 1 of 6
+    assert sweep.infeasible_reason(tiny_lm_dir, m("shared_core"), 1 / 6 + 1e-3) is None  # the core alone fits
+    assert "cores' own share" in sweep.infeasible_reason(tiny_lm_dir, m("shared_core"), 0.1)
+    assert sweep.infeasible_reason(tiny_lm_dir, m("lowrank"), 0.1) is None
+
+
+def test_task_accuracies():
+    metrics = {"arc_easy/acc": 0.5, "arc_easy/acc_norm": 0.6, "piqa/acc": 0.7, "gsm8k/exact_match,strict-match": 0.1,
+               "wikitext/word_perplexity": 30.0}
+    assert sweep.task_accuracies(metrics) == {"arc_easy": 0.5, "piqa": 0.7, "gsm8k": 0.1}
+    acc = sweep.task_accuracies(metrics, "acc_norm")
+    assert acc == {"arc_easy": 0.6, "piqa": 0.7, "gsm8k": 0.1}
+    assert sweep.mean_accuracy(acc) == pytest.approx((0.6 + 0.7 + 0.1) / 3)
+    assert sweep.mean_accuracy({}) is None
+
+
+def _cell(method, budget, ratio, zs, dist, status="done", acc=None, error=None):
+    phases = {}
+    if ratio is not None:
+        phases["compress"] = {"seconds": 10.0, "expert_bytes_ratio": ratio}
+    if zs is not None:
+        phases["zero_shot"] = {"ppl": zs, "tasks": {"piqa": acc[0]} if acc else {}, "mean_acc": acc and acc[0],
+                               "seconds": 2.0}
+    if dist is not None:
+        phases["distill"] = {"seconds": 60.0}
+        phases["distilled"] = {"ppl": dist, "tasks": {"piqa": acc[1]} if acc else {}, "mean_acc": acc and acc[1],
+                               "seconds": 2.0}
+    return {"testbed": "toy", "method": method, "budget": budget, "status": status, "error": error, "phases": phases}
+
+
+def test_writers_on_fabricated_results(tmp_path):
+    testbeds = {"toy": {"phases": {"cache": {"seconds": 30.0},
+                                   "teacher": {"ppl": 100.0, "tasks": {"piqa": 0.70}, "mean_acc": 0.70, "seconds": 1.0},
+                                   "control": {"seconds": 70.0},
+                                   "control_eval": {"ppl": 98.0, "tasks": {"piqa": 0.71}, "mean_acc": 0.71,
+                                                    "seconds": 1.0}}}}
+    records = [_cell("shared_core", 0.5, 0.5, 120.0, 105.0, acc=(0.60, 0.66)),
+               _cell("lowrank", 0.5, 0.4998, 110.0, 107.5, acc=(0.62, 0.64)),
+               _cell("shared_core", 0.25, 0.25, 150.0, 112.0, acc=(0.55, 0.61)),
+               _cell("lowrank", 0.25, 0.2497, 160.0, None, status="failed", acc=(0.50, 0.0),
+                     error="StageFailed: distill failed (exit 1); last lines:\nboom"),
+               _cell("prune", 0.25, None, None, None, status="infeasible", error="keeps 1 of 8 experts")]
+    rows = sweep.write_outputs(tmp_path, None, testbeds, records)
+
+    table = list(csv.DictReader(io.StringIO((tmp_path / sweep.SWEEP_CSV).read_text())))
+    by = {(r["method"], r["budget"], r["phase"]): r for r in table}
+    assert len(table) == 2 + 2 * len(records)  # teacher, control, two phases per cell
+    assert float(by[("shared_core", "0.5", "zero_shot")]["ppl"]) == 120.0
+    assert float(by[("shared_core", "0.5", "zero_shot")]["gap_pct"]) == pytest.approx(20.0)
+    assert float(by[("shared_core", "0.25", "distilled")]["gap_pct"]) == pytest.approx(12.0)
+    assert float(by[("lowrank", "0.5", "zero_shot")]["expert_bytes_ratio"]) == 0.4998
+    assert float(by[("lowrank", "0.5", "distilled")]["acc/piqa"]) == 0.64
+    assert float(by[("lowrank", "0.5", "distilled")]["seconds"]) == 62.0  # distillation + evaluation
+    assert by[("lowrank", "0.25", "distilled")]["status"] == "failed"
+    assert by[("lowrank", "0.25", "distilled")]["error"] == "StageFailed: distill failed (exit 1); last lines:"
+    assert by[("lowrank", "0.25", "zero_shot")]["status"] == "done"
+    assert by[("prune", "0.25", "zero_shot")]["status"] == "infeasible"
+    assert float(by[("control", "1.0", "distilled")]["ppl"]) == 98.0
+    assert [r["method"] for r in rows[:2]] == ["teacher", "control"]
+
+    md = (tmp_path / sweep.SWEEP_MD).read_text()
+    ppl_table = md.split("### held-out perplexity")[1].split("###")[0]
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in ppl_table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert lines["teacher"] == ["100.00", "100.00"]
+    assert lines["teacher trained on (control)"] == ["98.00", "98.00"]
+    # budgets 0.5 then 0.25; best zero-shot and best distilled per budget in bold
+    assert lines["shared_core"] == ["120.00 (+20.0 %) → **105.00** (+5.0 %)", "**150.00** (+50.0 %) → **112.00** (+12.0 %)"]
+    assert lines["lowrank"] == ["**110.00** (+10.0 %) → 107.50 (+7.5 %)", "160.00 (+60.0 %) → failed"]
+    assert lines["prune"] == ["", "infeasible"]
+    acc_table = md.split("### mean task accuracy")[1]
+    acc_lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+                 for line in acc_table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert acc_lines["shared_core"] == ["0.6000 → **0.6600**", "**0.5500** → **0.6100**"]
+    assert acc_lines["lowrank"][0] == "**0.6200** → 0.6400"
+    assert (tmp_path / sweep.PARETO_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_cell_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_lm_dir, texts):
+    """A launcher failure in one cell: recorded with its error, the next cell still runs, outputs still written."""
+    data = smoke(tmp_path, tiny_lm_dir, texts, control=False, budgets=[0.5, 0.25],
+                 methods=[{"name": "lowrank"}])
+    cfg = parse_config(data)
+    calls = []
+
+    def fake_run(name, cmd, nproc, log_dir):
+        calls.append(name)
+        if name == "compress" and "0.5" in cmd:
+            raise StageFailed("compress failed (exit 2); last lines:\nCompressError: boom")
+        if name == "compress":
+            raise StageFailed("compress failed again")
+        return 0.1
+
+    records = sweep.run_sweep(cfg, run=fake_run)
+    assert calls == ["cache", "compress", "compress"]
+    assert [r["status"] for r in records] == ["failed", "failed"]
+    assert records[0]["error"].startswith("StageFailed: compress failed (exit 2)")
+    assert sweep.failed(records) == records
+    md = (Path(cfg.output) / sweep.SWEEP_MD).read_text()
+    assert "| lowrank | failed | failed |" in md
+    assert json.loads((Path(cfg.output) / "tiny" / sweep.TESTBED_RECORD).read_text())["phases"]["teacher"]["ppl"] > 1
+
+
+@pytest.mark.slow
+def test_sweep_runs_and_a_rerun_skips_finished_cells(tmp_path, tiny_lm_dir, texts):
+    """1 method × 1 budget × 2 distillation steps on the tiny MoE through the launchers (nproc 1; the control, one
+    more distillation of the same launcher, left out for time); a rerun runs no launcher; a cell whose
+    distillation record is lost resumes it (--resume)."""
+    cfg = parse_config(smoke(tmp_path, tiny_lm_dir, texts, control=False))
+    calls = []
+
+    def counting_run(name, cmd, nproc, log_dir):
+        calls.append((name, [str(c) for c in cmd]))
+        return sweep.run_stage(name, cmd, nproc, log_dir)
+
+    records = sweep.run_sweep(cfg, run=counting_run)
+    assert [name for name, _ in calls] == ["cache", "compress", "distill"]
+    assert [r["status"] for r in records] == ["done"], records[0].get("error")
+    out = Path(cfg.output)
+    cell = sweep.cell_dir(cfg, "tiny", "lowrank", 0.5)
+    record = json.loads((cell / sweep.CELL_RECORD).read_text())
+    assert set(record["phases"]) == set(sweep.CELL_PHASES)
+    assert record["phases"]["compress"]["expert_bytes_ratio"] <= 0.5
+    assert (cell / "distill" / "checkpoint-2").is_dir() and (cell / sweep.LOSS_PNG).is_file()
+    rows = list(csv.DictReader(io.StringIO((out / sweep.SWEEP_CSV).read_text())))
+    assert [(r["method"], r["phase"]) for r in rows] == [("teacher", "teacher"), ("lowrank", "zero_shot"),
+                                                         ("lowrank", "distilled")]
+    assert float(rows[2]["ppl"]) == pytest.approx(record["phases"]["distilled"]["ppl"], rel=1e-5)  # 6 digits
+    assert (out / sweep.PARETO_PNG).is_file()
+
+    calls.clear()
+    again = sweep.run_sweep(cfg, run=counting_run)
+    assert calls == []  # nothing ran again
+    assert again[0]["phases"] == record["phases"]
+
+    distilled_ppl = record["phases"]["distilled"]["ppl"]
+    del record["phases"]["distilled"], record["phases"]["distill"]  # as if killed after the checkpoint was written
+    (cell / sweep.CELL_RECORD).write_text(json.dumps(record))
+    again = sweep.run_sweep(cfg, run=counting_run)
+    assert [name for name, _ in calls] == ["distill"] and "--resume" in calls[0][1]
+    assert again[0]["status"] == "done"
+    assert again[0]["phases"]["distilled"]["ppl"] == pytest.approx(distilled_ppl)  # the same checkpoint-2
