@@ -33,17 +33,18 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))  # in-process perplexity; ranks get 1 thread each
     if args.report_only:
-        testbeds, records = collect(cfg)
-        write_outputs(cfg.output, cfg, testbeds, records)
+        write_outputs(cfg.output, cfg, *collect(cfg))
     else:
-        records = run_sweep(cfg)
-    bad = failed(records)
+        run_sweep(cfg)
+    testbeds, records = collect(cfg)
+    bad = failed(records, testbeds)
     print(open(os.path.join(cfg.output, "sweep.md")).read())
-    print(f"sweep: {cfg.output}/sweep.md, sweep.csv, pareto.png; {len(records) - len(bad)} of {len(records)} cells "
-          f"done or infeasible")
+    print(f"sweep: {cfg.output}/sweep.md, sweep.csv, pareto.png; {len(records) - len(failed(records))} of "
+          f"{len(records)} cells done or infeasible")
     if bad:
-        print("not done: " + "; ".join(f"{r['testbed']} {r['method']} {r['budget']:g}: {str(r.get('error')).splitlines()[0]}"
-                                       for r in bad), file=sys.stderr)
+        for r in bad:
+            print(f"not done: {r['testbed']} {r['method']} {r['budget']:g}: {str(r.get('error')).splitlines()[0]}",
+                  file=sys.stderr)
         sys.exit(1)
 
 

@@ -566,18 +566,24 @@ def prepare_testbed(ctx: _Context, tb: TestbedConfig) -> dict:
         result = _evaluate(ctx, tb, Path(tb.teacher), shared / "teacher_eval", logs, "teacher_eval")
         phases.save("teacher", keys["teacher"], **result)
         _log(ctx, tb.name, "teacher evaluation", result["seconds"], f"ppl {result['ppl']:.3f}")
+    phases.record.pop("control_error", None)
+    phases.record.pop("error", None)
     if cfg.control:
-        if not phases.done("control", keys["control"]):
-            seconds = _distill(ctx, Path(tb.teacher), shared / "teacher_cache.h5", shared / "control", logs,
-                               "control", keys["control"])
-            phases.save("control", keys["control"], seconds=seconds)
-            _log(ctx, tb.name, "control distillation", seconds)
-            _loss_plot(shared / "control" / "train_log.jsonl", shared / LOSS_PNG, f"{tb.name}: teacher trained on")
-        if not phases.done("control_eval", keys["control_eval"]):
-            ckpt = _final_checkpoint(ctx, shared / "control")
-            result = _evaluate(ctx, tb, ckpt, ckpt / "eval", logs, "control_eval")
-            phases.save("control_eval", keys["control_eval"], **result)
-            _log(ctx, tb.name, "control evaluation", result["seconds"], f"ppl {result['ppl']:.3f}")
+        try:
+            if not phases.done("control", keys["control"]):
+                seconds = _distill(ctx, Path(tb.teacher), shared / "teacher_cache.h5", shared / "control", logs,
+                                   "control", keys["control"])
+                phases.save("control", keys["control"], seconds=seconds)
+                _log(ctx, tb.name, "control distillation", seconds)
+                _loss_plot(shared / "control" / "train_log.jsonl", shared / LOSS_PNG, f"{tb.name}: teacher trained on")
+            if not phases.done("control_eval", keys["control_eval"]):
+                ckpt = _final_checkpoint(ctx, shared / "control")
+                result = _evaluate(ctx, tb, ckpt, ckpt / "eval", logs, "control_eval")
+                phases.save("control_eval", keys["control_eval"], **result)
+                _log(ctx, tb.name, "control evaluation", result["seconds"], f"ppl {result['ppl']:.3f}")
+        except Exception as e:  # noqa: BLE001 - the cells do not need the control: recorded, they still run
+            logger.error("[%s] control failed: %s", tb.name, e)
+            phases.record["control_error"] = f"{type(e).__name__}: {e}"
     phases.record["keys"] = keys
     phases.write()
     return phases.record
@@ -683,7 +689,8 @@ def run_sweep(cfg: SweepConfig, run: Callable = run_stage) -> list[dict]:
                     testbeds[tb.name] = prepare_testbed(ctx, tb)
                 except Exception as e:  # noqa: BLE001 - the other testbeds still run
                     logger.error("[%s] shared phases failed: %s", tb.name, e)
-                    testbeds[tb.name] = {"error": f"{type(e).__name__}: {e}"}
+                    testbeds[tb.name] = {**_read(out / tb.name / TESTBED_RECORD), "error": f"{type(e).__name__}: {e}"}
+                    write_json_atomic(out / tb.name / TESTBED_RECORD, testbeds[tb.name])
             if "error" in testbeds[tb.name]:
                 record = {"testbed": tb.name, "method": method.name, "budget": budget, "status": "failed",
                           "error": f"testbed: {testbeds[tb.name]['error']}", "phases": {}}
@@ -720,6 +727,11 @@ def sweep_rows(testbeds: dict, records: list[dict]) -> list[dict]:
                 ("teacher", "teacher", _phase(tb, "teacher"), _phase(tb, "cache").get("seconds")),
                 ("control", "distilled", _phase(tb, "control_eval"), _phase(tb, "control").get("seconds"))):
             if not entry:
+                error = tb.get("control_error") if method == "control" else tb.get("error")
+                if error:
+                    rows.append({"testbed": name, "method": method, "budget": 1.0, "expert_bytes_ratio": 1.0,
+                                 "phase": phase, "status": "failed", "ppl": None, "tasks": {}, "mean_acc": None,
+                                 "seconds": None, "error": error})
                 continue
             if method == "teacher":
                 teacher_ppl[name] = entry["ppl"]
@@ -800,8 +812,9 @@ def sweep_markdown(rows: list[dict], title: str = "") -> str:
             lines += [f"### {label}", "", "| method | " + " | ".join(f"{b:g} of expert bytes" for b in budgets) + " |",
                       "|---|" + "---|" * len(budgets)]
             for name, label_ in (("teacher", "teacher"), ("control", "teacher trained on (control)")):
-                if name in ref and ref[name][key] is not None:
-                    lines.append(f"| {label_} | " + " | ".join(format(ref[name][key], spec) for _ in budgets) + " |")
+                if name in ref and (ref[name][key] is not None or ref[name]["status"] != "done"):
+                    value = ref[name]["status"] if ref[name][key] is None else format(ref[name][key], spec)
+                    lines.append(f"| {label_} | " + " | ".join(value for _ in budgets) + " |")
             for method in methods:
                 cells = []
                 for b in budgets:
@@ -921,9 +934,15 @@ def collect(cfg: SweepConfig) -> tuple[dict, list[dict]]:
     return {k: v for k, v in testbeds.items() if v}, records
 
 
-def failed(records: list[dict]) -> list[dict]:
-    """The cells whose status is not done or infeasible."""
-    return [r for r in records if r.get("status") not in ("done", "infeasible")]
+def failed(records: list[dict], testbeds: dict | None = None) -> list[dict]:
+    """The cells whose status is not done or infeasible, and (given the testbed records) the testbeds whose shared
+    phases or control failed, as ``{testbed, method: "testbed" | "control", budget: 1.0, error}``."""
+    bad = [r for r in records if r.get("status") not in ("done", "infeasible")]
+    for name, tb in (testbeds or {}).items():
+        for key, what in (("error", "testbed"), ("control_error", "control")):
+            if tb.get(key):
+                bad.append({"testbed": name, "method": what, "budget": 1.0, "status": "failed", "error": tb[key]})
+    return bad
 
 
 __all__ = ["SweepConfigError", "SweepConfig", "load_config", "parse_config", "run_sweep", "run_cell",

@@ -173,9 +173,9 @@ def test_writers_on_fabricated_results(tmp_path):
 
 
 def test_failed_cell_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_lm_dir, texts):
-    """A launcher failure in one cell: recorded with its error, the next cell still runs, outputs still written."""
-    data = smoke(tmp_path, tiny_lm_dir, texts, control=False, budgets=[0.5, 0.25],
-                 methods=[{"name": "lowrank"}])
+    """Launcher failures in the control and in a cell: recorded with their errors, the next cell still runs, the
+    outputs are still written and say which failed."""
+    data = smoke(tmp_path, tiny_lm_dir, texts, budgets=[0.5, 0.25], methods=[{"name": "lowrank"}])
     cfg = parse_config(data)
     calls = []
 
@@ -183,18 +183,22 @@ def test_failed_cell_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_lm_dir, te
         calls.append(name)
         if name == "compress" and "0.5" in cmd:
             raise StageFailed("compress failed (exit 2); last lines:\nCompressError: boom")
-        if name == "compress":
-            raise StageFailed("compress failed again")
+        if name in ("compress", "control"):
+            raise StageFailed(f"{name} failed again")
         return 0.1
 
     records = sweep.run_sweep(cfg, run=fake_run)
-    assert calls == ["cache", "compress", "compress"]
+    assert calls == ["cache", "control", "compress", "compress"]
     assert [r["status"] for r in records] == ["failed", "failed"]
     assert records[0]["error"].startswith("StageFailed: compress failed (exit 2)")
-    assert sweep.failed(records) == records
+    testbeds, on_disk = sweep.collect(cfg)
+    assert [r["status"] for r in on_disk] == ["failed", "failed"]
+    assert testbeds["tiny"]["control_error"] == "StageFailed: control failed again"
+    assert testbeds["tiny"]["phases"]["teacher"]["ppl"] > 1  # in process: the tiny teacher's perplexity
+    assert [r["method"] for r in sweep.failed(records, testbeds)] == ["lowrank", "lowrank", "control"]
     md = (Path(cfg.output) / sweep.SWEEP_MD).read_text()
     assert "| lowrank | failed | failed |" in md
-    assert json.loads((Path(cfg.output) / "tiny" / sweep.TESTBED_RECORD).read_text())["phases"]["teacher"]["ppl"] > 1
+    assert "| teacher trained on (control) | failed | failed |" in md
 
 
 @pytest.mark.slow
