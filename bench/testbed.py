@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-4, help="(ii) shared_core: Adam learning rate")
     ap.add_argument("--no-activation", action="store_true", help="(ii): weight objective only (no calibration)")
     ap.add_argument("--num-sequences", type=int, default=64, help="(ii): calibration sequences")
+    ap.add_argument("--heldout-tokens", type=int, default=1024, help="(ii): calibration tokens kept for the output "
+                    "error")
     ap.add_argument("--control-steps", type=int, default=300)
     ap.add_argument("--control-batch", type=int, default=8, help="(iii): windows per step")
     ap.add_argument("--control-lr", type=float, default=1e-4)
@@ -101,7 +103,8 @@ def main():
             if "activation" in objectives:
                 seconds = stage_runner.run_stage("calibrate", stage_runner.launcher("calibrate.py", args.nproc) + [
                     "--model", str(teacher), "--data", str(train_file), "--output", str(cal), "--num-sequences",
-                    str(args.num_sequences), "--seq-len", str(cfg.seq_len)], args.nproc, work)
+                    str(args.num_sequences), "--seq-len", str(cfg.seq_len), "--heldout-tokens",
+                    str(args.heldout_tokens)], args.nproc, work)
                 print(f"# calibration: {args.num_sequences} x {cfg.seq_len} tokens in {seconds:.1f} s", flush=True)
             out["zero_shot"] = {}
             for method in args.methods:
@@ -149,4 +152,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except stage_runner.StageFailed as e:
+        sys.exit(str(e))

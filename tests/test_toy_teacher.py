@@ -3,12 +3,14 @@
 import json
 import platform
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict
 
 import pytest
 import torch
 import transformers as T
-from conftest import load_launcher, tiny_model
+from conftest import REPO, load_launcher, tiny_model
 
 from moe_ds.toy_teacher import (HELDOUT_FILE, PRESET_OUTPUTS, PRESETS, RECORD, TRAIN_FILE, BuildTeacherConfig,
                                 TeacherConfig, ToyTeacherError, build_teacher, cache_key, control_config,
@@ -164,3 +166,27 @@ def test_mean_experts_makes_every_expert_the_mean(family):
     assert changed and len(changed) % 2 == 0
     x = torch.randint(0, 50, (2, 8))
     assert torch.isfinite(model(input_ids=x).logits).all()
+
+
+@pytest.mark.slow
+def test_testbed_benchmark_measures_and_judges_the_criteria(tmp_path, small_stdlib):
+    """bench/testbed.py on a tiny built teacher (1 rank, weight-objective lowrank only, a 3-step control): every
+    criterion is measured, judged against its threshold, and a failed one makes the exit status 1."""
+    out = tmp_path / "toy" / "teacher"
+    build_teacher(TeacherConfig(**{**TINY, "steps": 5}), out, stdlib_root=small_stdlib)
+    result = tmp_path / "testbed.json"
+    args = ["--teacher", str(out), "--methods", "lowrank", "--no-activation", "--control-steps", "3",
+            "--control-batch", "2", "--nproc", "1", "--json", str(result), "--workdir", str(tmp_path / "work")]
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "testbed.py"), *args], check=False, capture_output=True,
+                         text=True, timeout=600, cwd=REPO)
+    r = json.loads(result.read_text())
+    assert run.returncode == (0 if all(r["verdicts"].values()) else 1), run.stdout[-2000:] + run.stderr[-2000:]
+    assert "# date: " in run.stdout and set(r["verdicts"]) == {"(i) mean experts", "(ii) best zero-shot",
+                                                                 "(iii) control"}
+    # the verdicts are the thresholds applied to the measured perplexities
+    assert r["verdicts"]["(i) mean experts"] == (r["mean_ppl"] >= 5 * r["teacher_ppl"])
+    assert r["verdicts"]["(ii) best zero-shot"] == (r["zero_shot"]["lowrank (weight)"] >= 1.05 * r["teacher_ppl"])
+    assert r["verdicts"]["(iii) control"] == (r["control_ppl"] > 0.99 * r["teacher_ppl"])
+    assert r["mean_ppl"] != r["teacher_ppl"] and r["control_ppl"] != r["teacher_ppl"]  # both changed the model
+    assert (tmp_path / "work" / "r0.25_lowrank_weight" / "compression_statistics.yaml").is_file()
+    assert run.stdout.count("PASS") + run.stdout.count("FAIL") == 3
