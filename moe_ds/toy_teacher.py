@@ -119,12 +119,13 @@ class TeacherConfig:
 
 # Named teachers: values over TeacherConfig's defaults ("demo" is the defaults themselves, whose cache key the demo
 # and the tests rely on) and each one's default folder.
-# "strong" (issue #16): a testbed where compression hurts. The demo's teacher stops after 320 steps, when its
-# experts are still mostly their random initialisation plus a low-rank update (89 % of the update's energy in
-# the top 24 of 192 singular values, the mean expert's relative error 0.93 as for independent random matrices), so
-# a rank-24 truncation loses only 1 % of held-out perplexity and 300 more steps of training still gain 1.3 %.
-# The strong teacher trains 5x the steps (two passes over the corpus) with an annealed schedule to near
-# convergence, and a weight decay that lets the learned, full-rank part of each expert dominate.
+# "strong" (issue #16): meant as a testbed where compression hurts (check it with bench/testbed.py). The demo's
+# teacher stops after 320 steps, when its experts are still largely their random initialisation (norm 10.8 of 17.8
+# in a layer's down projections) plus an update with 89 % of its energy in the top 24 of 192 singular values (the
+# mean expert's relative error, 0.93, is that of independent random matrices): a rank-24 truncation (25 % of the
+# expert bytes) costs 1.1 % of held-out perplexity and 300 more steps of training still gain 1.3 %. Trained longer the
+# update grows and spreads: at 640 steps a rank-20 truncation already cost 5.4 % (../shared/FINDINGS.md). The strong
+# teacher trains 5x the demo's steps (6.6 M tokens, two passes over the corpus) on the same annealed schedule.
 PRESETS: dict[str, dict] = {
     "demo": {},
     "strong": {"steps": 1600},
