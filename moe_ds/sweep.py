@@ -724,7 +724,7 @@ def sweep_rows(testbeds: dict, records: list[dict]) -> list[dict]:
     teacher_ppl = {}
     for name, tb in testbeds.items():
         for method, phase, entry, seconds in (
-                ("teacher", "teacher", _phase(tb, "teacher"), _phase(tb, "cache").get("seconds")),
+                ("teacher", "teacher", _phase(tb, "teacher"), 0.0),
                 ("control", "distilled", _phase(tb, "control_eval"), _phase(tb, "control").get("seconds"))):
             if not entry:
                 error = tb.get("control_error") if method == "control" else tb.get("error")
@@ -878,8 +878,12 @@ def plot_pareto(rows: list[dict], path: str | Path) -> None:
                 ax.axhline(ref[key], color="k", ls=style, label=label)
         ax.set(xlabel="expert bytes / original", ylabel="held-out perplexity" if key == "ppl" else "mean task accuracy",
                title=f"{tb}: {'perplexity' if key == 'ppl' else 'mean accuracy'} vs expert bytes")
-        if key == "ppl":
+        if key == "ppl":  # log scale, plain numbers on its ticks
+            from matplotlib.ticker import FuncFormatter
+
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, ncol=2)
@@ -899,12 +903,13 @@ def _loss_plot(train_log: Path, path: Path, title: str) -> None:
 
     log = [json.loads(line) for line in train_log.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("ce", "kl"):
+    kl_ax = ax.twinx()  # KL is ~100x smaller than CE: its own axis
+    for axis, key, color in ((ax, "ce", "tab:blue"), (kl_ax, "kl", "tab:orange")):
         pts = [(row["step"], row[key]) for row in log if row.get(key) is not None and "step" in row]
         if pts:
-            ax.plot(*zip(*pts), label=key)
-    ax.set(xlabel="step", ylabel="nats / token", title=f"{title}: distillation losses")
-    ax.legend()
+            axis.plot(*zip(*pts), color=color, label=key)
+        axis.set_ylabel(f"{key} (nats / token)", color=color)
+    ax.set(xlabel="step", title=f"{title}: distillation losses")
     fig.tight_layout()
     save_figure_atomic(fig, path)
     plt.close(fig)
