@@ -184,10 +184,15 @@ class SharedCoreExperts(nn.Module):
             d_out, d_in = self.projection_shape(p)
             r = self.ranks[p]
             setattr(self, f"{p}_core", nn.Parameter(torch.empty(d_out, d_in, **kw)))
-            setattr(self, f"{p}_u_in", nn.Parameter(torch.empty(num_experts, d_in, r, **kw)))
-            setattr(self, f"{p}_v_in", nn.Parameter(torch.empty(num_experts, d_in, r, **kw)))
-            setattr(self, f"{p}_u_out", nn.Parameter(torch.empty(num_experts, d_out, r, **kw)))
-            setattr(self, f"{p}_v_out", nn.Parameter(torch.empty(num_experts, d_out, r, **kw)))
+            for name, dim in (("u_in", d_in), ("v_in", d_in), ("u_out", d_out), ("v_out", d_out)):
+                factor = torch.empty(num_experts, dim, r, **kw)
+                if r == 0:
+                    # rank 0 (cores only): nothing to train, and ZeRO-3 cannot partition or gather an empty
+                    # parameter (torch.cat of no partitions in its fetch); an empty persistent buffer keeps the
+                    # checkpoint's keys and shapes.
+                    self.register_buffer(f"{p}_{name}", factor)
+                else:
+                    setattr(self, f"{p}_{name}", nn.Parameter(factor))
         self.reset_parameters()
 
     def projection_shape(self, proj: str) -> tuple[int, int]:

@@ -121,6 +121,12 @@ def test_rank_zero_keeps_only_the_core():
     x = torch.randn(7, 32)
     idx, w = routing(7, 6, 2)
     assert torch.isfinite(stock_like(x, idx, w)).all()
+    # ZeRO-3 cannot gather an empty parameter: rank-0 factors are (persistent) buffers, not parameters, and the
+    # state dict keeps every key with its shape
+    params = dict(m.named_parameters())
+    assert all(p.numel() > 0 for p in params.values())
+    assert "gate_u_in" not in params and "up_u_in" in params and len(params) == 7
+    assert m.state_dict()["down_v_out"].shape == (6, 32, 0) and len(m.state_dict()) == 15
 
 
 def test_parameters_are_owned_by_the_module_itself():
