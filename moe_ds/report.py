@@ -382,7 +382,7 @@ def _plot(r: dict, path: Path, train_log: Path) -> None:
     ax = axes[2]
     if train_log.is_file():
         rows = [json.loads(line) for line in train_log.read_text().splitlines() if line.strip()]
-        for key in ("loss", "ce", "kl"):
+        for key in ("loss", "ce", "kl", "feature"):  # feature: with --feature-layers
             pts = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), label=key)
