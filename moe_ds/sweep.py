@@ -35,7 +35,8 @@ from typing import Callable
 
 import yaml
 
-from .run_layout import complete_checkpoints, is_complete_checkpoint, save_figure_atomic, write_atomic, write_json_atomic
+from .run_layout import (complete_checkpoints, is_complete_checkpoint, save_figure_atomic, write_atomic,
+                         write_json_atomic)
 from .stage_runner import REPO, StageFailed, launcher, run_stage
 
 logger = logging.getLogger("moe_ds")
@@ -43,7 +44,6 @@ logger = logging.getLogger("moe_ds")
 CELL_RECORD, TESTBED_RECORD, RESOLVED_CONFIG = "cell.json", "testbed.json", "sweep_config.yaml"
 SWEEP_CSV, SWEEP_MD, PARETO_PNG, LOSS_PNG = "sweep.csv", "sweep.md", "pareto.png", "loss.png"
 CELL_PHASES = ("compress", "zero_shot", "distill", "distilled")
-TESTBED_PHASES = ("calibration", "cache", "teacher", "control", "control_eval")
 # Compress flags the sweep sets itself (per cell), and distill flags likewise.
 _COMPRESS_OWN = {"model", "output", "target_ratio", "calibration", "overwrite", "rank", "sparsity", "method"}
 _DISTILL_OWN = {"student", "teacher_cache", "output", "max_steps", "save_steps", "resume", "stages", "tokenizer"}
@@ -408,12 +408,12 @@ def infeasible_reason(teacher: str | Path, method: MethodConfig, budget: float) 
         method: the method and its flags (``quantize``).
         budget: expert-storage byte ratio.
     """
+    from transformers import AutoConfig
+
     from .arch import get_architecture
     from .budget import (FACTORISED, BudgetError, ExpertPlan, density_for_budget, kept_experts_for_budget,
                          kept_experts_for_ratio, parse_method, rank_for_budget)
     from .stats import dtype_bytes
-
-    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(teacher)  # attribute names as the architecture table uses them
     try:
@@ -951,6 +951,6 @@ def failed(records: list[dict], testbeds: dict | None = None) -> list[dict]:
 
 
 __all__ = ["SweepConfigError", "SweepConfig", "load_config", "parse_config", "run_sweep", "run_cell",
-           "prepare_testbed", "write_outputs", "sweep_rows", "sweep_csv", "sweep_markdown", "plot_pareto",
-           "expert_bytes_ratio", "task_accuracies", "mean_accuracy", "infeasible_reason", "collect", "failed",
-           "cell_dir"]
+           "prepare_testbed", "testbed_keys", "cell_keys", "write_outputs", "sweep_rows", "sweep_csv",
+           "sweep_markdown", "plot_pareto", "expert_bytes_ratio", "task_accuracies", "mean_accuracy",
+           "infeasible_reason", "collect", "failed", "cell_dir"]

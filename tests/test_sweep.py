@@ -161,7 +161,8 @@ def test_writers_on_fabricated_results(tmp_path):
     assert lines["teacher"] == ["100.00", "100.00"]
     assert lines["teacher trained on (control)"] == ["98.00", "98.00"]
     # budgets 0.5 then 0.25; best zero-shot and best distilled per budget in bold
-    assert lines["shared_core"] == ["120.00 (+20.0 %) → **105.00** (+5.0 %)", "**150.00** (+50.0 %) → **112.00** (+12.0 %)"]
+    assert lines["shared_core"] == ["120.00 (+20.0 %) → **105.00** (+5.0 %)",
+                                    "**150.00** (+50.0 %) → **112.00** (+12.0 %)"]
     assert lines["lowrank"] == ["**110.00** (+10.0 %) → 107.50 (+7.5 %)", "160.00 (+60.0 %) → failed"]
     assert lines["prune"] == ["", "infeasible"]
     acc_table = md.split("### mean task accuracy")[1]
