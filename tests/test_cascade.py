@@ -3,6 +3,8 @@ resumes from any step."""
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +26,7 @@ def _cfg(tiny_lm_dir, texts, out, **kw) -> CascadeConfig:
                 output=str(out), cascade=[{"ratio": 0.5, "steps": 2}, {"ratio": 0.25}], method="lowrank",
                 compress_args={"steps": 3}, distill_args={"batch_size": 2, "report_to": "none", "save_steps": 2,
                                                           "logging_steps": 1, "dataloader_num_workers": 0},
-                seq_len=32, max_sequences=8, top_k=0, eval_windows=4, nproc=1, deepspeed="none")
+                seq_len=32, max_sequences=8, top_k=0, eval_windows=4, nproc=2, deepspeed="ds_configs/zero3.json")
     base.update(kw)
     return CascadeConfig(**base)
 
@@ -61,7 +63,9 @@ def test_table_and_plot_hold_every_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_cascade_runs_through_the_launchers_and_resumes_from_any_step(tiny_lm_dir, texts, tmp_path):
+def test_cascade_runs_through_the_launchers_and_resumes_from_any_step(tiny_lm_dir, texts, tmp_path, monkeypatch):
+    """2 ranks per launcher, distillation under ZeRO-3 with the previous student as a partitioned live teacher."""
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     out = tmp_path / "run"
     cfg = _cfg(tiny_lm_dir, texts, out)
     first = run_cascade(cfg, log=lambda *a: None)
@@ -69,6 +73,7 @@ def test_cascade_runs_through_the_launchers_and_resumes_from_any_step(tiny_lm_di
     # the second step compressed the first one's distilled student (exported densely), distilled from it live
     assert first[1]["teacher"] == f"live teacher {first[0]['checkpoint']}"
     assert (out / "step-1" / "source" / "config.json").is_file()
+    assert "live teacher (zero3" in (out / "logs" / "step1_distill.log").read_text()
     for r in first:
         assert r["expert_bytes_ratio"] <= r["ratio"] + 1e-6 and r["expert_bytes_ratio"] > 0.5 * r["ratio"]
         assert r["zero_shot_ppl"] > 0 and r["distilled_ppl"] > 0
