@@ -204,9 +204,9 @@ def _launch(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_two_rank_zero3_with_a_partitioned_live_teacher_and_features_matches_one_process(setup, tmp_path):
     """2 ranks x 2 sequences under ZeRO-3 with the teacher in a ZeRO-3 inference engine log the same losses as one
-    process with a replicated teacher and 4 sequences (the same global batch), and resume."""
+    process with a replicated teacher and 4 sequences (the same global batch)."""
     p = _launch(setup, tmp_path / "zero3", "--max-steps", "4", "--feature-layers", "0,1", "--teacher-placement",
-                "zero3", "--teacher-top-k", "16", "--keep-training-state", "2")
+                "zero3", "--teacher-top-k", "16")
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     assert "live teacher (zero3" in p.stdout + p.stderr
     zero3 = [json.loads(x) for x in (tmp_path / "zero3" / "train_log.jsonl").read_text().splitlines()]
@@ -217,11 +217,3 @@ def test_two_rank_zero3_with_a_partitioned_live_teacher_and_features_matches_one
     for a, b in zip(zero3, one):
         for key in ("ce", "kl", "feature", "loss"):
             assert a[key] == pytest.approx(b[key], rel=2e-3), (key, a, b)
-    # resume: drop the last checkpoint's marker, rerun with --resume: the same last step again
-    (tmp_path / "zero3" / "checkpoint-4" / "CHECKPOINT_COMPLETE").unlink()
-    p = _launch(setup, tmp_path / "zero3", "--max-steps", "4", "--feature-layers", "0,1", "--teacher-placement",
-                "zero3", "--teacher-top-k", "16", "--resume")
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    again = [json.loads(x) for x in (tmp_path / "zero3" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in again] == [1, 2, 3, 4]
-    assert again[3]["kl"] == pytest.approx(zero3[3]["kl"], rel=1e-4)
