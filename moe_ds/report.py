@@ -376,7 +376,7 @@ def _plot(r: dict, path: Path, train_log: Path) -> None:
         ax.scatter(done["shared_core"]["expert_bytes_ratio"], r["distilled"]["ppl"], marker="*", s=150, c="k",
                    label=f"shared_core distilled ({r['distilled']['step']} steps)")
     _reference_lines(ax, r)
-    ax.set(xlabel="expert bytes / original", ylabel="held-out perplexity (token)",
+    ax.set(xlabel="expert bytes / original", ylabel="held-out perplexity (token, log scale)", yscale="log",
            title="methods at the same expert bytes, zero-shot")
     ax.legend(fontsize="small")
     ax = axes[2]
