@@ -14,7 +14,9 @@ phase whose record holds the same key, and redoes it and every phase after it ot
 complete (``config.json`` written last) is not compressed again, and a distillation stopped mid-way continues with
 ``--resume``. A failed cell is recorded with its error, the sweep goes on, and the exit status is non-zero at the
 end; a budget the method cannot meet (pruning below top-k experts, a shared core larger than the budget) is
-recorded as ``infeasible`` before any launcher runs (``moe_ds.budget``).
+recorded as ``infeasible`` before any launcher runs (``moe_ds.budget``). A method with ``quantize`` is evaluated
+zero-shot only: launch/distill.py refuses a packed quantized student (distilling it means QAT of its full-precision
+twin, ``distill --quantization``, which the sweep does not chain yet); its distilled entry reads ``n/a``.
 
 Held-out perplexity is token-level, exp(mean next-token NLL) over the same packed windows of the testbed's held-out
 text for every model (``moe_ds.report.token_perplexity``). The gap is (ppl − ppl_teacher) / ppl_teacher in %.
@@ -621,7 +623,13 @@ def run_cell(ctx: _Context, tb: TestbedConfig, keys: dict, method: MethodConfig,
         phases.record.update(status="infeasible", error=reason)
         phases.write()
         return phases.record
-    if all(phases.done(p, keys[p]) for p in CELL_PHASES):
+    # launch/distill.py refuses a packed quantized checkpoint as its student; distilling one needs QAT of its
+    # full-precision twin (distill --quantization), which the sweep does not chain yet: zero-shot only.
+    skip = None if method.flags.get("quantize") in (None, "none") else (
+        "distillation of a quantized student is not run (it needs QAT of its full-precision twin)")
+    needed = CELL_PHASES if skip is None else CELL_PHASES[:2]
+    phases.record["distill_skipped"] = skip
+    if all(phases.done(p, keys[p]) for p in needed):
         phases.record.update(status="done", error=None)
         phases.write()
         return phases.record
@@ -642,13 +650,15 @@ def run_cell(ctx: _Context, tb: TestbedConfig, keys: dict, method: MethodConfig,
             result = _evaluate(ctx, tb, compressed, compressed / "eval", logs, "zero_shot_eval")
             phases.save("zero_shot", keys["zero_shot"], **result)
             _log(ctx, where, "zero-shot evaluation", result["seconds"], f"ppl {result['ppl']:.3f}")
-        if not phases.done("distill", keys["distill"]):
+        if skip is not None:
+            logger.info("[%s] %s", where, skip)
+        elif not phases.done("distill", keys["distill"]):
             seconds = _distill(ctx, compressed, shared / "teacher_cache.h5", folder / "distill", logs, "distill",
                                keys["distill"])
             phases.save("distill", keys["distill"], seconds=seconds)
             _log(ctx, where, "distillation", seconds)
             _loss_plot(folder / "distill" / "train_log.jsonl", folder / LOSS_PNG, where)
-        if not phases.done("distilled", keys["distilled"]):
+        if skip is None and not phases.done("distilled", keys["distilled"]):
             ckpt = _final_checkpoint(ctx, folder / "distill")
             result = _evaluate(ctx, tb, ckpt, ckpt / "eval", logs, "distilled_eval")
             phases.save("distilled", keys["distilled"], **result)
@@ -744,13 +754,15 @@ def sweep_rows(testbeds: dict, records: list[dict]) -> list[dict]:
         for phase, before in (("zero_shot", "compress"), ("distilled", "distill")):
             entry = _phase(r, phase)
             status = "done" if entry else r.get("status", "failed")
+            if phase == "distilled" and not entry and r.get("distill_skipped") and status == "done":
+                status = "n/a"
             if status == "running":
                 status = "failed"
             rows.append({"testbed": r["testbed"], "method": r["method"], "budget": r["budget"],
                          "expert_bytes_ratio": ratio, "phase": phase, "status": status, "ppl": entry.get("ppl"),
                          "tasks": entry.get("tasks") or {}, "mean_acc": entry.get("mean_acc"),
                          "seconds": (_phase(r, before).get("seconds", 0.0) + entry["seconds"]) if entry else None,
-                         "error": None if entry else r.get("error")})
+                         "error": None if entry else (r.get("error") or r.get("distill_skipped"))})
     for row in rows:
         ref = teacher_ppl.get(row["testbed"])
         row["gap_pct"] = 100 * (row["ppl"] - ref) / ref if row["ppl"] is not None and ref else None
@@ -797,7 +809,8 @@ def sweep_markdown(rows: list[dict], title: str = "") -> str:
     lines = [f"# {title or 'Compression sweep'}", "",
              "Held-out perplexity (token-level, same windows for every model), zero-shot → after the same "
              "distillation; gap to the teacher in %. Best zero-shot and best distilled method per budget in bold. "
-             "`infeasible`: the method cannot meet the budget; `failed`: see sweep.csv and the cell's logs.", ""]
+             "`infeasible`: the method cannot meet the budget; `failed`: see sweep.csv and the cell's logs; `n/a`: "
+             "not distilled (a quantized student needs QAT, not chained by the sweep yet).", ""]
     for testbed in dict.fromkeys(r["testbed"] for r in rows):
         mine = [r for r in rows if r["testbed"] == testbed]
         budgets = sorted({r["budget"] for r in mine if r["method"] not in ("teacher", "control")}, reverse=True)

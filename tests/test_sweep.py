@@ -257,6 +257,22 @@ def test_half_finished_cell_resumes_from_its_last_phase(tmp_path, tiny_lm_dir, t
     assert again["phases"]["zero_shot"]["key"]["eval"]["windows"] == 3
 
 
+def test_quantized_method_is_evaluated_zero_shot_only(tmp_path, tiny_lm_dir, texts):
+    data = smoke(tmp_path, tiny_lm_dir, texts, control=False,
+                 methods=[{"name": "lowrank+int8", "method": "lowrank", "quantize": "int8"}])
+    cfg = parse_config(data)
+    calls = []
+    records = sweep.run_sweep(cfg, run=_fake_pipeline(tiny_lm_dir, calls))
+    assert [c[0] for c in calls] == ["cache", "compress"]
+    assert records[0]["status"] == "done" and set(records[0]["phases"]) == {"compress", "zero_shot"}
+    assert sweep.failed(records) == []
+    md = (Path(cfg.output) / sweep.SWEEP_MD).read_text()
+    assert "| lowrank+int8 | " in md and " → n/a |" in md
+    calls.clear()
+    sweep.run_sweep(cfg, run=_fake_pipeline(tiny_lm_dir, calls))
+    assert calls == []
+
+
 @pytest.mark.slow
 def test_sweep_runs_and_a_rerun_skips_finished_cells(tmp_path, tiny_lm_dir, texts):
     """1 method × 1 budget × 2 distillation steps on the tiny MoE through the launchers (nproc 1; the control, one
