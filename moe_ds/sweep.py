@@ -372,8 +372,11 @@ def _started_for_other(output: Path, key: dict) -> bool:
 
 
 def expert_bytes_ratio(model_dir: str | Path) -> float:
-    """Stored expert bytes / the original's, as the checkpoint's compression_statistics.yaml records them."""
+    """Stored expert bytes / the original's, as the checkpoint's compression_statistics.yaml records them (a quantized
+    checkpoint: its packed bytes, ``quantization.expert_bytes``)."""
     stats = yaml.safe_load((Path(model_dir) / "compression_statistics.yaml").read_text())
+    if "expert_bytes" in (stats.get("quantization") or {}):
+        return float(stats["quantization"]["expert_bytes"]["ratio"])
     if "expert_bytes" in stats:
         return float(stats["expert_bytes"]["ratio"])
     if "experts_compressed" in stats.get("bytes", {}):

@@ -266,6 +266,12 @@ def test_quantized_method_is_evaluated_zero_shot_only(tmp_path, tiny_lm_dir, tex
     assert [c[0] for c in calls] == ["cache", "compress"]
     assert records[0]["status"] == "done" and set(records[0]["phases"]) == {"compress", "zero_shot"}
     assert sweep.failed(records) == []
+    stats = Path(cfg.output) / "q.yaml"  # a quantized checkpoint's statistics: packed bytes under quantization
+    stats.parent.joinpath("q").mkdir()
+    (stats.parent / "q" / "compression_statistics.yaml").write_text(
+        "expert_params: {ratio: 1.875}\nbytes: {experts_original: 8, experts_compressed: 15}\n"
+        "quantization: {expert_bytes: {original: 1024, compressed: 255, ratio: 0.2490234375}}\n")
+    assert sweep.expert_bytes_ratio(stats.parent / "q") == 0.2490234375
     md = (Path(cfg.output) / sweep.SWEEP_MD).read_text()
     assert "| lowrank+int8 | " in md and " → n/a |" in md
     calls.clear()
