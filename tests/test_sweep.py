@@ -35,14 +35,14 @@ def smoke(tmp_path: Path, teacher: Path, texts, **changes) -> dict:
     return data
 
 
-@pytest.mark.parametrize("shipped", ["toy.yaml", "smoke.yaml"])
+@pytest.mark.parametrize("shipped", ["toy.yaml", "toy_strong.yaml", "smoke.yaml"])
 def test_shipped_configs_validate(shipped, tmp_path, tiny_lm_dir, texts):
     data = yaml.safe_load((REPO / "sweeps" / shipped).read_text())
     for tb in data["testbeds"]:  # the toy teacher is built by make demo: validate against the tiny stand-in
         tb.update(teacher=str(tiny_lm_dir), train=str(texts[0]), heldout=str(texts[1]))
     cfg = parse_config(data)
     assert cfg.budgets and cfg.methods and cfg.distill.steps >= 1
-    if shipped == "toy.yaml":
+    if shipped in ("toy.yaml", "toy_strong.yaml"):
         names = {m.name: m for m in cfg.methods}
         assert {"shared_core", "lowrank", "delta", "prune", "merge", "magnitude"} <= set(names)
         assert names["shared_core+int4"].flags["quantize"] == "int4-g64"
