@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # the suite in one process.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv test test-fast demo bench gpu-check clean-venv
+.PHONY: venv test test-fast demo bench bench-quality gpu-check clean-venv
 
 venv: $(VENV)/.installed
 
@@ -37,6 +37,14 @@ bench: venv
 	$(PY) bench/data_aware.py
 	$(PY) bench/methods.py
 	$(PY) bench/quantize.py
+	$(PY) bench/live_teacher.py
+
+# The comparison harness (issue #16): every method x budget on the strong toy teacher, zero-shot and after the same
+# distillation (sweep.csv/md, pareto.png in runs/sweep_toy_strong). Not yet timed end to end: the teacher build is
+# ~27 min (estimated), the sweep ~1 h (estimated from single cells); the SmolLM2 testbed is not in it yet.
+bench-quality: venv
+	$(PY) launch/build_toy_teacher.py --preset strong
+	$(PY) launch/sweep.py --config sweeps/toy_strong.yaml
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,6 +1,6 @@
 """Live-teacher, feature and cascade distillation (issue #15) on the demo's toy teacher at 0.125 of its expert bytes.
 
-    .venv/bin/python bench/live_teacher.py                   # ~40 min on 2 CPU cores
+    .venv/bin/python bench/live_teacher.py                   # 35 min measured on 2 loaded CPU cores
     .venv/bin/python bench/live_teacher.py --steps 60 --timing-steps 10 --cache-sequences 200   # a quick look
 
 Every arm runs through the launchers (``--nproc`` ranks, ZeRO-3) for the same total distillation steps from the
@@ -38,10 +38,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="shared_core", help="compression method of every arm (launch/compress.py)")
     ap.add_argument("--ratio", type=float, default=0.125, help="final expert-bytes ratio")
-    ap.add_argument("--steps", type=int, default=240, help="total distillation steps of every arm")
-    ap.add_argument("--timing-steps", type=int, default=30, help="steps of the two timing runs")
+    ap.add_argument("--steps", type=int, default=150, help="total distillation steps of every arm")
+    ap.add_argument("--timing-steps", type=int, default=30, help="steps of each timing run")
     ap.add_argument("--fit-steps", type=int, default=300, help="Adam steps of each zero-shot fit after the svd start")
-    ap.add_argument("--cache-sequences", type=int, default=1200)
+    ap.add_argument("--cache-sequences", type=int, default=800)
     ap.add_argument("--top-k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--feature-weight", type=float, default=0.1)
