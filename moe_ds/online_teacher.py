@@ -249,10 +249,20 @@ class OnlineTeacher:
 
 
 def describe(teacher: OnlineTeacher, num_params: int) -> str:
-    """One log line: placement, precision, top-k and the bytes per rank it holds."""
+    """One log line: placement, precision, parameters, the teacher bytes this rank holds, and the KL's support."""
     k = "full vocabulary" if teacher.top_k is None else f"top-{teacher.top_k}"
-    return (f"live teacher ({teacher.placement}, {teacher.precision}, {num_params / 1e6:.1f}M parameters), KL over "
-            f"its {k}")
+    return (f"live teacher ({teacher.placement}, {teacher.precision}, {num_params / 1e6:.1f}M parameters, "
+            f"{teacher_bytes_on_rank(teacher) / 2**20:.1f} MiB on this rank), KL over its {k}")
+
+
+def teacher_bytes_on_rank(teacher: OnlineTeacher) -> int:
+    """Bytes of teacher weights this rank holds: its ZeRO-3 partitions (``ds_tensor``), or every tensor when
+    replicated."""
+    total = 0
+    for p in teacher.parameters():
+        local = getattr(p, "ds_tensor", p)
+        total += local.numel() * local.element_size()
+    return total
 
 
 def teacher_parameters(teacher: OnlineTeacher) -> int:
@@ -262,4 +272,4 @@ def teacher_parameters(teacher: OnlineTeacher) -> int:
 
 __all__ = ["OnlineTeacher", "OnlineTeacherError", "PLACEMENTS", "TextDataset", "check_teacher_compatible",
            "check_teacher_folder", "describe", "load_replicated", "load_zero3", "resolve_placement",
-           "teacher_parameters"]
+           "teacher_bytes_on_rank", "teacher_parameters"]
