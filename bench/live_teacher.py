@@ -27,6 +27,8 @@ from pathlib import Path
 from common import print_header
 from data_aware import add_common_arguments, launcher, run_stage, teacher_paths
 
+from moe_ds.stage_runner import cache_command
+
 
 def _seconds_per_step(log: Path) -> float:
     rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
@@ -84,11 +86,8 @@ def main():
 
     cache = work / "cache.h5"
     if not cache.is_file():
-        seconds["cache"] = run_stage("cache", ["bash", "launch/cache_teacher.sh", "--teacher", str(teacher), "--data",
-                                               str(train), "--output", str(cache), "--top-k", str(args.top_k),
-                                               "--seq-len", str(args.seq_len), "--nproc", str(args.nproc),
-                                               "--max-sequences", str(args.cache_sequences), "--batch-size", "8"],
-                                     args.nproc, logs)
+        seconds["cache"] = run_stage("cache", cache_command(teacher, train, cache, args.top_k, args.seq_len,
+                                                            args.nproc, args.cache_sequences, 8), args.nproc, logs)
     compressed = work / "compressed"
     if not (compressed / "compression_statistics.yaml").is_file():
         seconds["compress"] = run_stage("compress", launcher("compress.py", args.nproc) + [
@@ -124,7 +123,8 @@ def main():
                             distill_args={"batch_size": args.batch_size, "learning_rate": 1e-4, "report_to": "none",
                                           "logging_steps": 10, "save_steps": per},
                             cascade=[{"ratio": 0.5, "steps": per}, {"ratio": 0.25}, {"ratio": args.ratio}],
-                            seq_len=args.seq_len, max_sequences=args.cache_sequences, top_k=args.top_k,
+                            teacher_cache=str(cache), seq_len=args.seq_len, max_sequences=args.cache_sequences,
+                            top_k=args.top_k,
                             eval_windows=args.eval_windows, nproc=args.nproc)
         steps = run_cascade(cfg, log=lambda *a: None)
         seconds[f"cascade_{source}"] = time.time() - t0

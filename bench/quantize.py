@@ -29,6 +29,8 @@ from pathlib import Path
 from common import print_header
 from data_aware import add_common_arguments, launcher, run_stage, teacher_paths
 
+from moe_ds.stage_runner import cache_command
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,10 +74,8 @@ def main():
             "--model", str(teacher), "--output", str(student), "--target-ratio", str(args.target_ratio), "--init", "svd",
             "--steps", str(args.fit_steps), "--lr", "1e-4", "--overwrite"], args.nproc, work)
         cache = work / "teacher_cache.h5"
-        seconds["cache"] = run_stage("cache", ["bash", "launch/cache_teacher.sh", "--teacher", str(teacher), "--data",
-                                               str(train), "--output", str(cache), "--top-k", "32", "--seq-len",
-                                               str(args.seq_len), "--nproc", str(args.nproc), "--max-sequences",
-                                               str(args.cache_sequences), "--batch-size", "8"], args.nproc, work)
+        seconds["cache"] = run_stage("cache", cache_command(teacher, train, cache, 32, args.seq_len, args.nproc,
+                                                            args.cache_sequences, 8), args.nproc, work)
         runs = {}
         for name, extra in (("full", []), ("qat", ["--quantization", args.spec])):
             out = work / f"distill_{name}"

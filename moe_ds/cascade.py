@@ -70,6 +70,7 @@ class CascadeConfig:
     eval_windows: int = 64  # held-out windows of seq_len tokens
     nproc: int = 2  # ranks per launcher command
     deepspeed: str = "ds_configs/zero3.json"  # distillation's DeepSpeed config
+    teacher_cache: str | None = None  # teacher_source original: an existing cache of the teacher (else built once)
 
     def __post_init__(self):
         if not self.cascade:
@@ -104,6 +105,10 @@ class CascadeConfig:
         for name, lo in (("seq_len", 2), ("top_k", 0), ("eval_windows", 1), ("nproc", 1)):
             if getattr(self, name) < lo:
                 raise CascadeConfigError(f"{name} must be >= {lo}, got {getattr(self, name)}")
+        if self.teacher_cache is not None and self.teacher_source != "original":
+            raise CascadeConfigError("teacher_cache is the original teacher's cache: it needs teacher_source original")
+        if self.teacher_cache is not None and not Path(self.teacher_cache).is_file():
+            raise CascadeConfigError(f"teacher_cache {self.teacher_cache} does not exist")
         for name in ("teacher", "data", "heldout"):
             if not Path(getattr(self, name)).exists():
                 raise CascadeConfigError(f"{name} {getattr(self, name)} does not exist")
@@ -175,7 +180,7 @@ def run_cascade(cfg: CascadeConfig, log=print) -> list[dict]:
     from .checkpoint import export_dense, is_compressed_checkpoint, is_quantized_checkpoint
     from .report import heldout_windows
     from .run_layout import complete_checkpoints
-    from .stage_runner import launcher, run_stage
+    from .stage_runner import cache_command, launcher, run_stage
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,13 +197,11 @@ def run_cascade(cfg: CascadeConfig, log=print) -> list[dict]:
     log(f"teacher {cfg.teacher}: held-out perplexity {summary['teacher_ppl']:.2f} on {len(windows)} x {cfg.seq_len} "
         "tokens")
     original_bytes = expert_bytes(cfg.teacher)
-    cache = out / "teacher_cache.h5"
+    cache = Path(cfg.teacher_cache) if cfg.teacher_cache else out / "teacher_cache.h5"
     if cfg.teacher_source == "original" and not cache.is_file():
         log(f"caching the original teacher's top-{cfg.top_k} over {cfg.data}")
-        run_stage("cache", ["bash", "launch/cache_teacher.sh", "--teacher", cfg.teacher, "--data", cfg.data, "--output",
-                            str(cache), "--top-k", str(cfg.top_k), "--seq-len", str(cfg.seq_len), "--nproc",
-                            str(cfg.nproc), *(["--max-sequences", str(cfg.max_sequences)] if cfg.max_sequences else [])],
-                  cfg.nproc, logs)
+        run_stage("cache", cache_command(cfg.teacher, cfg.data, cache, cfg.top_k, cfg.seq_len, cfg.nproc,
+                                         cfg.max_sequences), cfg.nproc, logs)
 
     results, previous = [], None
     for i, (step, steps) in enumerate(zip(cfg.cascade, cfg.step_counts())):

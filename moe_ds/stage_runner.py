@@ -56,6 +56,16 @@ def stage_env(nproc: int, **extra: str) -> dict:
     return env
 
 
+def cache_command(teacher, data, output, top_k: int, seq_len: int, nproc: int, max_sequences: int | None = None,
+                  batch_size: int | None = None) -> list[str]:
+    """The ``launch/cache_teacher.sh`` command that caches ``teacher``'s top-``top_k`` logits over ``data`` into
+    ``output`` (an .h5 path) on ``nproc`` ranks; None leaves a setting at the stage's default."""
+    return ["bash", str(REPO / "launch" / "cache_teacher.sh"), "--teacher", str(teacher), "--data", str(data),
+            "--output", str(output), "--top-k", str(top_k), "--seq-len", str(seq_len), "--nproc", str(nproc),
+            *(["--max-sequences", str(max_sequences)] if max_sequences else []),
+            *(["--batch-size", str(batch_size)] if batch_size else [])]
+
+
 def run_stage(name: str, cmd: list[str], nproc: int, log_dir: str | Path, env: dict | None = None) -> float:
     """Run one launcher command with its output appended to ``log_dir/<name>.log``.
 

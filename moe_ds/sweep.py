@@ -39,7 +39,7 @@ import yaml
 
 from .run_layout import (complete_checkpoints, is_complete_checkpoint, save_figure_atomic, write_atomic,
                          write_json_atomic)
-from .stage_runner import REPO, StageFailed, launcher, run_stage
+from .stage_runner import REPO, StageFailed, cache_command, launcher, run_stage
 
 logger = logging.getLogger("moe_ds")
 
@@ -560,10 +560,8 @@ def prepare_testbed(ctx: _Context, tb: TestbedConfig) -> dict:
         _log(ctx, tb.name, "calibration", seconds)
     if not phases.done("cache", keys["cache"]):
         c, out = cfg.cache, shared / "teacher_cache.h5"
-        seconds = ctx.run("cache", ["bash", str(REPO / "launch" / "cache_teacher.sh"), "--teacher", tb.teacher,
-                                    "--data", tb.train, "--output", str(out), "--top-k", str(c.top_k), "--seq-len",
-                                    str(c.seq_len), "--nproc", str(cfg.nproc), "--max-sequences", str(c.sequences),
-                                    "--batch-size", str(c.batch_size)]
+        command = cache_command(tb.teacher, tb.train, out, c.top_k, c.seq_len, cfg.nproc, c.sequences, c.batch_size)
+        seconds = ctx.run("cache", command
                           + (["--overwrite"] if _started_for_other(out, keys["cache"]) else []), cfg.nproc, logs)
         phases.save("cache", keys["cache"], seconds=seconds)
         _log(ctx, tb.name, "teacher cache", seconds)

@@ -46,6 +46,10 @@ def test_recipe_checks(tiny_lm_dir, texts, tmp_path):
         _cfg(tiny_lm_dir, texts, tmp_path, teacher_source="cache")
     with pytest.raises(CascadeConfigError, match="does not exist"):
         _cfg(tiny_lm_dir, texts, tmp_path, heldout=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(CascadeConfigError, match="needs teacher_source original"):
+        _cfg(tiny_lm_dir, texts, tmp_path, teacher_cache=str(texts / "train.jsonl"))
+    with pytest.raises(CascadeConfigError, match="teacher_cache .* does not exist"):
+        _cfg(tiny_lm_dir, texts, tmp_path, teacher_source="original", teacher_cache=str(tmp_path / "c.h5"))
     assert _cfg(tiny_lm_dir, texts, tmp_path, cascade=[{"ratio": 0.5, "steps": 7}, {"ratio": 0.25},
                                                        {"ratio": 0.1, "steps": 3}]).step_counts() == [7, 7, 3]
 
