@@ -193,6 +193,7 @@ class Prepared:
     groups: list[list[ResolvedGroup]]  # per stage, its resolved parameter groups
     start_step: int  # global step of the newest complete checkpoint (0 for a fresh run)
     resume_from: Path | None  # that checkpoint
+    student_config: object = None  # the student's config (validated, no weights read)
 
 
 def prepare(cfg: DistillConfig) -> Prepared:
@@ -300,7 +301,7 @@ def prepare(cfg: DistillConfig) -> Prepared:
                 not (done[-1] / USAGE_FILE).is_file():
             raise PruneConfigError(f"{done[-1]} holds no {USAGE_FILE}: the experts that "
                                    f"{_stage_label(cfg, boundary[start])} keeps cannot be chosen")
-    return Prepared(ds_cfg, tokenizer, cache, groups, start, done[-1] if done else None)
+    return Prepared(ds_cfg, tokenizer, cache, groups, start, done[-1] if done else None, config)
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -494,7 +495,7 @@ def run_distill(cfg: DistillConfig) -> Path | None:
     # TrainingArguments first: they make the HfDeepSpeedConfig that ZeRO-3 construction (zero.Init) needs.
     args = training_arguments(cfg)
     if placement == "zero3":
-        hidden = int(_student_config(cfg).get_text_config().hidden_size)
+        hidden = int(prep.student_config.get_text_config().hidden_size)
         engine, model = load_zero3(cfg.teacher, teacher_dtype, prep.ds_cfg, cfg.batch_size, hidden,
                                    cfg.trust_remote_code)
         teacher = OnlineTeacher(model, cfg.teacher_top_k, cfg.feature_layer_list, cfg.feature_target, engine=engine,
