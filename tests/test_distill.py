@@ -37,11 +37,9 @@ def _with_peaked_head(model, tok):
     return model
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_tokenizer, stdlib_text):
-    """A teacher, a cache written by stage 2 from it, and a compressed student (another random model)."""
-    root = tmp_path_factory.mktemp("distill")
-    tok = tiny_tokenizer
+def write_teacher_student_and_text(root: Path, tok, stdlib_text: str) -> Path:
+    """``root/teacher`` (a tiny Qwen3-MoE with a peaked head), ``root/student`` (another one, compressed) and
+    ``root/data.jsonl`` (standard-library text); returns the text's path."""
     teacher = _with_peaked_head(tiny_model("qwen3_moe", seed=0, vocab_size=len(tok)), tok)
     teacher.save_pretrained(root / "teacher")
     tok.save_pretrained(root / "teacher")
@@ -50,6 +48,14 @@ def setup(tmp_path_factory, tiny_tokenizer, stdlib_text):
     save_compressed(student, root / "student", tokenizer=tok)
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"text": stdlib_text[i:i + 3000]}) + "\n" for i in range(0, 60_000, 3000)))
+    return data
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer, stdlib_text):
+    """A teacher, a cache written by stage 2 from it, and a compressed student (another random model)."""
+    root = tmp_path_factory.mktemp("distill")
+    data = write_teacher_student_and_text(root, tiny_tokenizer, stdlib_text)
     cache_teacher(CacheTeacherConfig(teacher=str(root / "teacher"), data=str(data), output=str(root / "cache.h5"),
                                       top_k=8, seq_len=32, max_sequences=24))
     return root

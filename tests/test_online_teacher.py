@@ -12,12 +12,12 @@ import torch
 from conftest import REPO, launcher_env, tiny_model
 from moe_ds import teacher_cache as tc
 from moe_ds.cache_teacher import CacheTeacherConfig, CacheTeacherError, cache_teacher
-from moe_ds.checkpoint import compress_model, load_compressed, save_compressed
+from moe_ds.checkpoint import load_compressed
 from moe_ds.distill import DistillConfig, DistillConfigError, distill_loss, prepare, run_distill
 from moe_ds.features import FeatureConfigError, FeatureHooks, feature_loss
 from moe_ds.online_teacher import OnlineTeacher, OnlineTeacherError, load_replicated
 from moe_ds.teacher_cache import TokenizerMismatchError
-from test_distill import _with_peaked_head
+from test_distill import write_teacher_student_and_text
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +25,9 @@ def setup(tmp_path_factory, tiny_tokenizer, stdlib_text):
     """A teacher, a compressed student, training text, and a cache of the teacher at k = V with the features of
     layers 0 and 1."""
     root = tmp_path_factory.mktemp("online")
-    tok = tiny_tokenizer
-    teacher = _with_peaked_head(tiny_model("qwen3_moe", seed=0, vocab_size=len(tok)), tok)
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    student = compress_model(_with_peaked_head(tiny_model("qwen3_moe", seed=1, vocab_size=len(tok)), tok),
-                             {"gate": 2, "up": 2, "down": 2})
-    save_compressed(student, root / "student", tokenizer=tok)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps({"text": stdlib_text[i:i + 3000]}) + "\n" for i in range(0, 60_000, 3000)))
+    data = write_teacher_student_and_text(root, tiny_tokenizer, stdlib_text)
     cache_teacher(CacheTeacherConfig(teacher=str(root / "teacher"), data=str(data), output=str(root / "cache.h5"),
-                                     top_k=len(tok), seq_len=32, max_sequences=8, cache_features="0,1"))
+                                     top_k=len(tiny_tokenizer), seq_len=32, max_sequences=8, cache_features="0,1"))
     return root
 
 
