@@ -457,6 +457,28 @@ def to_dense_model(model: PreTrainedModel) -> PreTrainedModel:
     return _model_from_state(base_cls, base_config, state, model)
 
 
+def export_dequantized(path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write the full-precision twin of a quantized checkpoint: the same form and shapes (shared-core, low-rank or
+    delta factors; or the stock experts of a pruned/merged model), every packed tensor replaced by its dequantized
+    values, in the source's stored dtype.
+
+    This is the student of quantization-aware distillation (``launch/distill.py --quantization``, ``moe_ds.qat``):
+    its latent weights start exactly at the quantized values, so step 0 of QAT evaluates the quantized model.
+    ``export_dense`` instead reconstructs every expert densely (a serving format, the original's size).
+
+    Raises:
+        CheckpointError: ``path`` is not a quantized checkpoint.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if not is_quantized_checkpoint(path):
+        raise CheckpointError(f"{path}/config.json has no {QUANTIZATION_KEY} section: not a quantized checkpoint")
+    model = load_quantized_checkpoint(path, dtype="auto")
+    if isinstance(getattr(model.config, "shared_core", None), dict):
+        return save_compressed(model, out_dir, tokenizer=path, overwrite=overwrite)
+    return export_dense(model, out_dir, tokenizer=path, overwrite=overwrite)
+
+
 def export_dense(model_or_path: PreTrainedModel | str | Path, out_dir: str | Path, tokenizer=None,
                  overwrite: bool = False) -> Path:
     """Write a plain dense checkpoint (experts reconstructed) that loads with stock ``from_pretrained``.

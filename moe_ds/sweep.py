@@ -14,9 +14,11 @@ phase whose record holds the same key, and redoes it and every phase after it ot
 complete (``config.json`` written last) is not compressed again, and a distillation stopped mid-way continues with
 ``--resume``. A failed cell is recorded with its error, the sweep goes on, and the exit status is non-zero at the
 end; a budget the method cannot meet (pruning below top-k experts, a shared core larger than the budget) is
-recorded as ``infeasible`` before any launcher runs (``moe_ds.budget``). A method with ``quantize`` is evaluated
-zero-shot only: launch/distill.py refuses a packed quantized student (distilling it means QAT of its full-precision
-twin, ``distill --quantization``, which the sweep does not chain yet); its distilled entry reads ``n/a``.
+recorded as ``infeasible`` before any launcher runs (``moe_ds.budget``). A method with ``quantize`` is
+distilled by quantization-aware training: launch/distill.py refuses a packed student, so the cell writes the packed
+model's full-precision twin (``checkpoint.export_dequantized``: the same factors, holding the quantized values) and
+distils it with ``--quantization`` (the compress step's expert and router specs, ``moe_ds.qat``); the distilled
+evaluation reads the packed ``quantized-<steps>`` checkpoint QAT writes at its end, at the same expert bytes.
 
 Held-out perplexity is token-level, exp(mean next-token NLL) over the same packed windows of the testbed's held-out
 text for every model (``moe_ds.report.token_perplexity``). The gap is (ppl − ppl_teacher) / ppl_teacher in %.
@@ -504,21 +506,40 @@ def _evaluate(ctx: _Context, tb: TestbedConfig, model_dir: Path, out: Path, log_
     return result
 
 
-def _distill(ctx: _Context, student: Path, cache: Path, out: Path, log_dir: Path, name: str, key: dict) -> float:
-    """Distil ``student`` for the sweep's steps into ``out``: ``--resume`` when a stopped run of the same inputs left
-    checkpoints, a fresh run when they came from other inputs."""
+def qat_spec(method: MethodConfig) -> str | None:
+    """``launch/distill.py --quantization`` for a quantized method: its compress ``quantize`` spec for the experts and
+    ``quantize_router`` (compress's default int8 when unset) for the router; None for an unquantized method."""
+    experts = method.flags.get("quantize")
+    if experts in (None, "none"):
+        return None
+    router = method.flags.get("quantize_router")
+    return experts if router is None else f"experts={experts},router={router}"
+
+
+def _distill(ctx: _Context, student: Path, cache: Path, out: Path, log_dir: Path, name: str, key: dict,
+             extra: list[str] = ()) -> float:
+    """Distil ``student`` for the sweep's steps into ``out`` (``extra``: further distill.py flags): ``--resume`` when a
+    stopped run of the same inputs left checkpoints, a fresh run when they came from other inputs."""
     steps = ctx.cfg.distill.steps
     if _started_for_other(out, key) and out.exists():
         shutil.rmtree(out)  # an input changed: the old run trained another student or used another cache
     cmd = launcher("distill.py", ctx.cfg.nproc) + [
         "--student", str(student), "--teacher-cache", str(cache), "--output", str(out), "--max-steps", str(steps),
-        "--save-steps", str(steps), *_flags(ctx.cfg.distill.flags)]
+        "--save-steps", str(steps), *_flags(ctx.cfg.distill.flags), *extra]
     if out.is_dir() and complete_checkpoints(out):
         cmd.append("--resume")
     return ctx.run(name, cmd, ctx.cfg.nproc, log_dir)
 
 
-def _final_checkpoint(ctx: _Context, run_dir: Path) -> Path:
+def _final_checkpoint(ctx: _Context, run_dir: Path, packed: bool = False) -> Path:
+    """``checkpoint-<steps>``, or with ``packed`` the quantized ``quantized-<steps>`` a QAT run writes at its end."""
+    if packed:
+        from .qat import QUANTIZED_PREFIX
+
+        ckpt = run_dir / f"{QUANTIZED_PREFIX}{ctx.cfg.distill.steps}"
+        if not (ckpt / "config.json").is_file():
+            raise StageFailed(f"{ckpt} is missing after quantization-aware distillation")
+        return ckpt
     ckpt = run_dir / f"checkpoint-{ctx.cfg.distill.steps}"
     if not is_complete_checkpoint(ckpt):
         raise StageFailed(f"{ckpt} is missing or incomplete after distillation")
@@ -624,13 +645,8 @@ def run_cell(ctx: _Context, tb: TestbedConfig, keys: dict, method: MethodConfig,
         phases.record.update(status="infeasible", error=reason)
         phases.write()
         return phases.record
-    # launch/distill.py refuses a packed quantized checkpoint as its student; distilling one needs QAT of its
-    # full-precision twin (distill --quantization), which the sweep does not chain yet: zero-shot only.
-    skip = None if method.flags.get("quantize") in (None, "none") else (
-        "distillation of a quantized student is not run (it needs QAT of its full-precision twin)")
-    needed = CELL_PHASES if skip is None else CELL_PHASES[:2]
-    phases.record["distill_skipped"] = skip
-    if all(phases.done(p, keys[p]) for p in needed):
+    qat = qat_spec(method)
+    if all(phases.done(p, keys[p]) for p in CELL_PHASES):
         phases.record.update(status="done", error=None)
         phases.write()
         return phases.record
@@ -651,16 +667,21 @@ def run_cell(ctx: _Context, tb: TestbedConfig, keys: dict, method: MethodConfig,
             result = _evaluate(ctx, tb, compressed, compressed / "eval", logs, "zero_shot_eval")
             phases.save("zero_shot", keys["zero_shot"], **result)
             _log(ctx, where, "zero-shot evaluation", result["seconds"], f"ppl {result['ppl']:.3f}")
-        if skip is not None:
-            logger.info("[%s] %s", where, skip)
-        elif not phases.done("distill", keys["distill"]):
-            seconds = _distill(ctx, compressed, shared / "teacher_cache.h5", folder / "distill", logs, "distill",
-                               keys["distill"])
+        if not phases.done("distill", keys["distill"]):
+            student, extra = compressed, []
+            if qat is not None:  # QAT of the packed model's full-precision twin (launch/distill.py takes no packed student)
+                from .checkpoint import export_dequantized
+
+                student, extra = folder / "qat_student", ["--quantization", qat]
+                if not (student / "config.json").is_file():
+                    export_dequantized(compressed, student, overwrite=True)
+            seconds = _distill(ctx, student, shared / "teacher_cache.h5", folder / "distill", logs, "distill",
+                               keys["distill"], extra)
             phases.save("distill", keys["distill"], seconds=seconds)
-            _log(ctx, where, "distillation", seconds)
+            _log(ctx, where, "distillation" + (f" (QAT {qat})" if qat else ""), seconds)
             _loss_plot(folder / "distill" / "train_log.jsonl", folder / LOSS_PNG, where)
-        if skip is None and not phases.done("distilled", keys["distilled"]):
-            ckpt = _final_checkpoint(ctx, folder / "distill")
+        if not phases.done("distilled", keys["distilled"]):
+            ckpt = _final_checkpoint(ctx, folder / "distill", packed=qat is not None)
             result = _evaluate(ctx, tb, ckpt, ckpt / "eval", logs, "distilled_eval")
             phases.save("distilled", keys["distilled"], **result)
             _log(ctx, where, "distilled evaluation", result["seconds"], f"ppl {result['ppl']:.3f}")
@@ -755,15 +776,13 @@ def sweep_rows(testbeds: dict, records: list[dict]) -> list[dict]:
         for phase, before in (("zero_shot", "compress"), ("distilled", "distill")):
             entry = _phase(r, phase)
             status = "done" if entry else r.get("status", "failed")
-            if phase == "distilled" and not entry and r.get("distill_skipped") and status == "done":
-                status = "n/a"
             if status == "running":
                 status = "failed"
             rows.append({"testbed": r["testbed"], "method": r["method"], "budget": r["budget"],
                          "expert_bytes_ratio": ratio, "phase": phase, "status": status, "ppl": entry.get("ppl"),
                          "tasks": entry.get("tasks") or {}, "mean_acc": entry.get("mean_acc"),
                          "seconds": (_phase(r, before).get("seconds", 0.0) + entry["seconds"]) if entry else None,
-                         "error": None if entry else (r.get("error") or r.get("distill_skipped"))})
+                         "error": None if entry else r.get("error")})
     for row in rows:
         ref = teacher_ppl.get(row["testbed"])
         row["gap_pct"] = 100 * (row["ppl"] - ref) / ref if row["ppl"] is not None and ref else None
@@ -810,8 +829,9 @@ def sweep_markdown(rows: list[dict], title: str = "") -> str:
     lines = [f"# {title or 'Compression sweep'}", "",
              "Held-out perplexity (token-level, same windows for every model), zero-shot → after the same "
              "distillation; gap to the teacher in %. Best zero-shot and best distilled method per budget in bold. "
-             "`infeasible`: the method cannot meet the budget; `failed`: see sweep.csv and the cell's logs; `n/a`: "
-             "not distilled (a quantized student needs QAT, not chained by the sweep yet).", ""]
+             "`infeasible`: the method cannot meet the budget; `failed`: see sweep.csv and the cell's logs. A "
+             "quantized method (+int4) is distilled by quantization-aware training of its full-precision twin and "
+             "evaluated packed, at the same expert bytes.", ""]
     for testbed in dict.fromkeys(r["testbed"] for r in rows):
         mine = [r for r in rows if r["testbed"] == testbed]
         budgets = sorted({r["budget"] for r in mine if r["method"] not in ("teacher", "control")}, reverse=True)

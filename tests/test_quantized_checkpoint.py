@@ -15,8 +15,9 @@ import yaml
 from conftest import FAMILIES, tiny_model
 from moe_ds import quantize as qz
 from moe_ds.arch import get_architecture
-from moe_ds.checkpoint import (compress_model, export_dense, load_model, read_tensors, read_weight_map,
-                               save_compressed)
+from moe_ds.checkpoint import (CheckpointError, compress_model, export_dense, export_dequantized,
+                               is_compressed_checkpoint, is_quantized_checkpoint, load_model, read_tensors,
+                               read_weight_map, save_compressed)
 from moe_ds.expert_pruning import select_experts_on_disk
 from moe_ds.modeling_shared_core import ENTRY_NAMES, QuantizedLoadError
 from moe_ds.quantized_checkpoint import TRANSPOSED, QuantizedCheckpointError, quantize_checkpoint
@@ -187,6 +188,24 @@ def test_trust_remote_code_in_a_fresh_process_and_dense_export(sources, tmp_path
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert out.stdout.strip().endswith("OK")
+
+
+def test_dequantized_twin_keeps_the_form_and_the_quantized_values(sources, tmp_path):
+    """The QAT student of a quantized checkpoint: same form (factors stay factors), unpacked, exactly its logits."""
+    ids = torch.randint(0, 300, (2, 7))
+    for kind, compressed in (("shared_core", True), ("pruned", False)):
+        q = quantize_checkpoint(sources / kind, tmp_path / kind, experts=SPEC, router="int8")
+        twin = export_dequantized(q, tmp_path / f"{kind}_twin")
+        assert not is_quantized_checkpoint(twin) and is_compressed_checkpoint(twin) == compressed
+        with torch.no_grad():
+            err = (load_model(twin)(ids).logits - load_model(q)(ids).logits).abs().max().item()
+        assert err == 0, (kind, err)
+        if compressed:  # the factor shapes are the source's, not a dense reconstruction
+            shapes = {k: v.shape for k, v in load_model(twin).state_dict().items()}
+            assert shapes == {k: v.shape for k, v in load_model(sources / kind).state_dict().items()}
+    with pytest.raises(CheckpointError, match="not a quantized checkpoint"):
+        export_dequantized(sources / "shared_core", tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
 
 
 def test_statistics_count_the_packed_bytes_exactly(sources, tmp_path):

@@ -8,10 +8,13 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO
 
 from moe_ds import sweep
+from moe_ds.checkpoint import is_quantized_checkpoint, load_model
+from moe_ds.quantized_checkpoint import quantize_checkpoint
 from moe_ds.stage_runner import StageFailed
 from moe_ds.sweep import SweepConfigError, parse_config
 
@@ -211,13 +214,21 @@ def _fake_pipeline(tiny_lm_dir: Path, calls: list):
         cmd = [str(c) for c in cmd]
         out = Path(cmd[cmd.index("--output") + 1])
         calls.append((name, cmd, out.exists()))
-        if name == "compress":
+        if name == "compress" and "--quantize" in cmd:  # a packed checkpoint, as compress --quantize writes
+            quantize_checkpoint(tiny_lm_dir, out, experts=cmd[cmd.index("--quantize") + 1], router="int8")
+            stats = yaml.safe_load((out / "compression_statistics.yaml").read_text())
+            stats["quantization"]["expert_bytes"] = {"ratio": 0.2499}  # against the teacher (compress adds it)
+            (out / "compression_statistics.yaml").write_text(yaml.safe_dump(stats))
+        elif name == "compress":
             shutil.copytree(tiny_lm_dir, out, dirs_exist_ok=True)
             (out / "compression_statistics.yaml").write_text("expert_bytes: {ratio: 0.4999}\n")
         elif name in ("distill", "control"):
-            ckpt = out / f"checkpoint-{cmd[cmd.index('--max-steps') + 1]}"
+            steps = cmd[cmd.index('--max-steps') + 1]
+            ckpt = out / f"checkpoint-{steps}"
             shutil.copytree(tiny_lm_dir, ckpt, dirs_exist_ok=True)
             (ckpt / "CHECKPOINT_COMPLETE").write_text("")
+            if "--quantization" in cmd:  # QAT's packed end (moe_ds.qat)
+                quantize_checkpoint(tiny_lm_dir, out / f"quantized-{steps}", experts="int8", router="int8")
         return 0.1
 
     return run
@@ -257,23 +268,38 @@ def test_half_finished_cell_resumes_from_its_last_phase(tmp_path, tiny_lm_dir, t
     assert again["phases"]["zero_shot"]["key"]["eval"]["windows"] == 3
 
 
-def test_quantized_method_is_evaluated_zero_shot_only(tmp_path, tiny_lm_dir, texts):
+def test_quantized_method_is_distilled_by_qat_of_its_full_precision_twin(tmp_path, tiny_lm_dir, texts):
+    """A +int8 cell: compress --quantize writes a packed model; distillation gets its unpacked twin (the same
+    values) and --quantization int8; the distilled evaluation reads QAT's packed quantized-<steps> end."""
     data = smoke(tmp_path, tiny_lm_dir, texts, control=False,
                  methods=[{"name": "lowrank+int8", "method": "lowrank", "quantize": "int8"}])
     cfg = parse_config(data)
     calls = []
     records = sweep.run_sweep(cfg, run=_fake_pipeline(tiny_lm_dir, calls))
-    assert [c[0] for c in calls] == ["cache", "compress"]
-    assert records[0]["status"] == "done" and set(records[0]["phases"]) == {"compress", "zero_shot"}
-    assert sweep.failed(records) == []
-    stats = Path(cfg.output) / "q.yaml"  # a quantized checkpoint's statistics: packed bytes under quantization
-    stats.parent.joinpath("q").mkdir()
-    (stats.parent / "q" / "compression_statistics.yaml").write_text(
+    assert [c[0] for c in calls] == ["cache", "compress", "distill"]
+    assert records[0]["status"] == "done" and set(records[0]["phases"]) == set(sweep.CELL_PHASES)
+    distill = calls[2][1]
+    assert distill[distill.index("--quantization") + 1] == "int8"
+    cell = sweep.cell_dir(cfg, "tiny", "lowrank+int8", 0.5)
+    student = Path(distill[distill.index("--student") + 1])
+    assert student == cell / "qat_student" and not is_quantized_checkpoint(student)
+    ids = torch.randint(0, 100, (1, 9))
+    with torch.no_grad():  # the twin computes exactly what the packed model does
+        assert torch.equal(load_model(student)(ids).logits, load_model(cell / "compressed")(ids).logits)
+    # the packed end (fake: the same int8 model as the compressed one) was evaluated, not checkpoint-2 (fake: fp32)
+    phases = records[0]["phases"]
+    assert phases["distilled"]["ppl"] == phases["zero_shot"]["ppl"]
+    assert sweep.qat_spec(sweep.MethodConfig("x", "lowrank", flags={"quantize": "int4-g64", "quantize_router": "none"})
+                          ) == "experts=int4-g64,router=none"
+    assert sweep.qat_spec(sweep.MethodConfig("x", "lowrank")) is None
+    stats = Path(cfg.output) / "q"  # a quantized checkpoint's statistics: packed bytes under quantization
+    stats.mkdir()
+    (stats / "compression_statistics.yaml").write_text(
         "expert_params: {ratio: 1.875}\nbytes: {experts_original: 8, experts_compressed: 15}\n"
         "quantization: {expert_bytes: {original: 1024, compressed: 255, ratio: 0.2490234375}}\n")
-    assert sweep.expert_bytes_ratio(stats.parent / "q") == 0.2490234375
+    assert sweep.expert_bytes_ratio(stats) == 0.2490234375
     md = (Path(cfg.output) / sweep.SWEEP_MD).read_text()
-    assert "| lowrank+int8 | " in md and " → n/a |" in md
+    assert re.search(r"\| lowrank\+int8 \| \*\*([\d.]+)\*\* \([^)]*\) → \*\*\1\*\* ", md)  # fake: both the int8 model
     calls.clear()
     sweep.run_sweep(cfg, run=_fake_pipeline(tiny_lm_dir, calls))
     assert calls == []
