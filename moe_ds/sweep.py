@@ -19,6 +19,8 @@ distilled by quantization-aware training: launch/distill.py refuses a packed stu
 model's full-precision twin (``checkpoint.export_dequantized``: the same factors, holding the quantized values) and
 distils it with ``--quantization`` (the compress step's expert and router specs, ``moe_ds.qat``); the distilled
 evaluation reads the packed ``quantized-<steps>`` checkpoint QAT writes at its end, at the same expert bytes.
+``distill.steps: 0`` makes a zero-shot sweep (no teacher cache, no distillation, no control; the distilled column
+reads ``not run`` in sweep.csv and is left out of sweep.md), for testbeds too large to distil every cell of.
 
 Held-out perplexity is token-level, exp(mean next-token NLL) over the same packed windows of the testbed's held-out
 text for every model (``moe_ds.report.token_perplexity``). The gap is (ppl − ppl_teacher) / ppl_teacher in %.
@@ -81,7 +83,8 @@ class MethodConfig:
 
 @dataclass
 class DistillSettings:
-    steps: int = 100  # distillation steps of every cell and of the control (--max-steps, one checkpoint at the end)
+    steps: int = 100  # distillation steps of every cell and of the control (--max-steps, one checkpoint at the end);
+    # 0: a zero-shot sweep (no teacher cache, no distillation, no control)
     flags: dict = field(default_factory=lambda: {"batch_size": 4, "learning_rate": 1e-4, "report_to": "none"})
 
 
@@ -260,8 +263,8 @@ def parse_config(data: dict, base: Path | None = None) -> SweepConfig:
     if not isinstance(distill, dict):
         raise SweepConfigError("distill must be a mapping")
     steps = distill.pop("steps", DistillSettings.steps)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise SweepConfigError(f"distill.steps must be an int >= 1, got {steps!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise SweepConfigError(f"distill.steps must be an int >= 0 (0: zero-shot only), got {steps!r}")
     flags = {**DistillSettings().flags, **_check_flags(distill, DistillConfig, _DISTILL_OWN, "distill")}
     cfg = SweepConfig(output=path(data["output"]), testbeds=testbeds, methods=methods,
                       budgets=[float(b) for b in budgets], distill=DistillSettings(steps, flags),
@@ -552,7 +555,7 @@ def testbed_keys(cfg: SweepConfig, tb: TestbedConfig) -> dict:
             "cache": {"teacher": tb.teacher, "train": tb.train, **asdict(cfg.cache), "nproc": cfg.nproc},
             "teacher": {"teacher": tb.teacher, "heldout": tb.heldout, "tasks": tb.tasks, "limit": tb.limit,
                         "data_dir": tb.data_dir, **asdict(cfg.evaluation)}}
-    if cfg.control:
+    if cfg.control and cfg.distill.steps:
         keys["control"] = {"cache": keys["cache"], "distill": asdict(cfg.distill), "nproc": cfg.nproc}
         keys["control_eval"] = {"control": keys["control"], "eval": keys["teacher"]}
     return keys
@@ -579,7 +582,7 @@ def prepare_testbed(ctx: _Context, tb: TestbedConfig) -> dict:
             + (["--overwrite"] if _started_for_other(out, keys["calibration"]) else []), cfg.nproc, logs)
         phases.save("calibration", keys["calibration"], seconds=seconds)
         _log(ctx, tb.name, "calibration", seconds)
-    if not phases.done("cache", keys["cache"]):
+    if cfg.distill.steps and not phases.done("cache", keys["cache"]):  # a zero-shot sweep needs no cache
         c, out = cfg.cache, shared / "teacher_cache.h5"
         command = cache_command(tb.teacher, tb.train, out, c.top_k, c.seq_len, cfg.nproc, c.sequences, c.batch_size)
         seconds = ctx.run("cache", command
@@ -592,7 +595,7 @@ def prepare_testbed(ctx: _Context, tb: TestbedConfig) -> dict:
         _log(ctx, tb.name, "teacher evaluation", result["seconds"], f"ppl {result['ppl']:.3f}")
     phases.record.pop("control_error", None)
     phases.record.pop("error", None)
-    if cfg.control:
+    if cfg.control and cfg.distill.steps:
         try:
             if not phases.done("control", keys["control"]):
                 seconds = _distill(ctx, Path(tb.teacher), shared / "teacher_cache.h5", shared / "control", logs,
@@ -646,7 +649,9 @@ def run_cell(ctx: _Context, tb: TestbedConfig, keys: dict, method: MethodConfig,
         phases.write()
         return phases.record
     qat = qat_spec(method)
-    if all(phases.done(p, keys[p]) for p in CELL_PHASES):
+    needed = CELL_PHASES if cfg.distill.steps else CELL_PHASES[:2]  # steps 0: a zero-shot sweep
+    phases.record["zero_shot_only"] = not cfg.distill.steps
+    if all(phases.done(p, keys[p]) for p in needed):
         phases.record.update(status="done", error=None)
         phases.write()
         return phases.record
@@ -667,7 +672,7 @@ def run_cell(ctx: _Context, tb: TestbedConfig, keys: dict, method: MethodConfig,
             result = _evaluate(ctx, tb, compressed, compressed / "eval", logs, "zero_shot_eval")
             phases.save("zero_shot", keys["zero_shot"], **result)
             _log(ctx, where, "zero-shot evaluation", result["seconds"], f"ppl {result['ppl']:.3f}")
-        if not phases.done("distill", keys["distill"]):
+        if cfg.distill.steps and not phases.done("distill", keys["distill"]):
             student, extra = compressed, []
             if qat is not None:  # QAT of the packed model's full-precision twin (launch/distill.py takes no packed student)
                 from .checkpoint import export_dequantized
@@ -680,7 +685,7 @@ def run_cell(ctx: _Context, tb: TestbedConfig, keys: dict, method: MethodConfig,
             phases.save("distill", keys["distill"], seconds=seconds)
             _log(ctx, where, "distillation" + (f" (QAT {qat})" if qat else ""), seconds)
             _loss_plot(folder / "distill" / "train_log.jsonl", folder / LOSS_PNG, where)
-        if not phases.done("distilled", keys["distilled"]):
+        if cfg.distill.steps and not phases.done("distilled", keys["distilled"]):
             ckpt = _final_checkpoint(ctx, folder / "distill", packed=qat is not None)
             result = _evaluate(ctx, tb, ckpt, ckpt / "eval", logs, "distilled_eval")
             phases.save("distilled", keys["distilled"], **result)
@@ -776,6 +781,8 @@ def sweep_rows(testbeds: dict, records: list[dict]) -> list[dict]:
         for phase, before in (("zero_shot", "compress"), ("distilled", "distill")):
             entry = _phase(r, phase)
             status = "done" if entry else r.get("status", "failed")
+            if phase == "distilled" and not entry and r.get("zero_shot_only") and status == "done":
+                status = "not run"
             if status == "running":
                 status = "failed"
             rows.append({"testbed": r["testbed"], "method": r["method"], "budget": r["budget"],
@@ -868,7 +875,7 @@ def sweep_markdown(rows: list[dict], title: str = "") -> str:
                         if key == "ppl" and r["gap_pct"] is not None:
                             text += f" ({r['gap_pct']:+.1f} %)"
                         parts.append(text)
-                    if parts[0] == parts[1] and parts[0] in ("infeasible", "failed"):
+                    if parts[0] == parts[1] and parts[0] in ("infeasible", "failed") or parts[1] == "not run":
                         cells.append(parts[0])
                     else:
                         cells.append(" → ".join(parts))

@@ -65,7 +65,7 @@ def test_shipped_configs_validate(shipped, tmp_path, tiny_lm_dir, texts):
     ({"methods": [{"name": "lowrank", "quantize": "int3-g7"}]}, "methods[0].quantize"),
     ({"methods": [{"name": "lowrank"}, {"name": "lowrank"}]}, "duplicate"),
     ({"methods": [{"name": "a b", "method": "lowrank"}]}, "methods[0].name"),
-    ({"distill": {"steps": 0}}, "distill.steps"),
+    ({"distill": {"steps": -1}}, "distill.steps"),
     ({"distill": {"steps": 2, "student": "x"}}, "distill.student"),
     ({"distill": {"steps": 2, "no_such_flag": 1}}, "distill.no_such_flag"),
     ({"cache": {"top_k": 0}}, "cache.top_k"),
@@ -303,6 +303,30 @@ def test_quantized_method_is_distilled_by_qat_of_its_full_precision_twin(tmp_pat
     calls.clear()
     sweep.run_sweep(cfg, run=_fake_pipeline(tiny_lm_dir, calls))
     assert calls == []
+
+
+def test_zero_shot_sweep_runs_no_cache_distillation_or_control(tmp_path, tiny_lm_dir, texts):
+    """distill.steps 0: compress and the zero-shot evaluation only; the distilled phase reads "not run" in sweep.csv
+    and sweep.md shows the zero-shot value alone; a rerun runs nothing, and steps > 0 later distils the same cells."""
+    data = smoke(tmp_path, tiny_lm_dir, texts, control=True)
+    data["distill"]["steps"] = 0
+    cfg = parse_config(data)
+    calls = []
+    records = sweep.run_sweep(cfg, run=_fake_pipeline(tiny_lm_dir, calls))
+    assert [c[0] for c in calls] == ["compress"]
+    assert records[0]["status"] == "done" and set(records[0]["phases"]) == {"compress", "zero_shot"}
+    rows = list(csv.DictReader((Path(cfg.output) / sweep.SWEEP_CSV).open()))
+    assert {(r["method"], r["phase"], r["status"]) for r in rows} == {
+        ("teacher", "teacher", "done"), ("lowrank", "zero_shot", "done"), ("lowrank", "distilled", "not run")}
+    md = (Path(cfg.output) / sweep.SWEEP_MD).read_text()
+    assert re.search(r"\| lowrank \| \*\*[\d.]+\*\* \([^)]*\) \|", md) and "not run" not in md
+    assert "control" not in md
+    calls.clear()
+    sweep.run_sweep(cfg, run=_fake_pipeline(tiny_lm_dir, calls))
+    assert calls == []
+    data["distill"]["steps"] = 2  # the same cells, now distilled: the compressed models are reused
+    sweep.run_sweep(parse_config(data), run=_fake_pipeline(tiny_lm_dir, calls))
+    assert [c[0] for c in calls] == ["cache", "control", "distill"]
 
 
 @pytest.mark.slow
