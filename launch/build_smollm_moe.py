@@ -2,11 +2,13 @@
 a Mixtral MoE by MoEfication (moe_ds/moefication.py: co-activation balanced k-means, least-squares router). A fixture
 maker, not a pipeline stage; reuses a complete build with the same settings and GGUF.
 
-    python launch/build_smollm_moe.py --output runs/smollm_moe/teacher                  # E=8, top-k 2; CPU minutes
+    python launch/build_smollm_moe.py --output runs/smollm_moe/teacher          # E=8, top-k 6; ~35 min on 2 cores
     python launch/build_smollm_moe.py --output runs/smollm_moe/teacher --top-k 4 --task-limit 500 --force
 
-Writes <output>/../dense (Llama + tokenizer), <output> (Mixtral + tokenizer) and <output>/testbed.json (settings,
-held-out WikiText-2 perplexities of dense / MoE / mean experts, arc_easy and piqa accuracy of dense and MoE).
+Writes <output>/../dense (Llama + tokenizer), <output> (Mixtral + tokenizer), <output>/../data/{train,heldout}.jsonl
+(pydoc topics; WikiText-2 test from --data-dir: the texts sweeps/smollm.yaml reads) and <output>/testbed.json
+(settings, held-out WikiText-2 perplexities of dense / MoE / mean experts, arc_easy and piqa accuracy of dense and
+MoE).
 """
 
 import logging

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -98,7 +99,7 @@ def test_router_logit_scale(built, dense, windows):
     moe, _ = built
     x = M.ffn_inputs(dense, windows)[0]
     logits = x @ moe.model.layers[0].mlp.gate.weight.T
-    assert logits.std(dim=1).mean().item() == pytest.approx(0.5, rel=1e-4)
+    assert logits.std(dim=1).mean().item() == pytest.approx(M.MoEficationConfig().router_logit_std, rel=1e-4)
 
 
 def test_balanced_kmeans_recovers_planted_groups():
@@ -174,3 +175,18 @@ def test_smollm2_gguf_config_maps_onto_mixtral():
     assert c.rope_parameters["rope_theta"] == dense_cfg.rope_parameters["rope_theta"] == 1e5
     assert c.tie_word_embeddings and c.rms_norm_eps == dense_cfg.rms_norm_eps
     assert c.intermediate_size * 8 == dense_cfg.intermediate_size == 1536
+
+
+def test_testbed_texts_are_jsonl_text_files(tmp_path):
+    data = tmp_path / "shared"
+    data.mkdir()
+    out = tmp_path / "texts"
+    assert M.write_testbed_text(data, out) == {"train": len(out.joinpath("train.jsonl").read_text().splitlines()),
+                                                "heldout": None}
+    assert not (out / "heldout.jsonl").exists()  # no WikiText-2 copy: no held-out file
+    first = json.loads((out / "train.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"text"} and len(first["text"]) > 100
+    docs = [" = A = \n first page .", " = B = \n second page ."]
+    (data / M.WIKITEXT_FILE).write_text("".join(json.dumps({"page": d}) + "\n" for d in docs))
+    assert M.write_testbed_text(data, out)["heldout"] == 2
+    assert [json.loads(line)["text"] for line in (out / "heldout.jsonl").read_text().splitlines()] == docs
