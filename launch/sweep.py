@@ -3,6 +3,7 @@
     python launch/sweep.py --config sweeps/qwen3.yaml           # GPUs: nproc ranks per launcher command
     python launch/sweep.py --config sweeps/toy.yaml             # CPU: the demo's toy teacher, ~1 h on 2 cores
     python launch/sweep.py --config sweeps/toy.yaml --report-only   # rewrite the tables from finished cells
+    python launch/sweep.py --config sweeps/smollm.yaml --zero-shot --methods shared_core,lowrank   # a subset
 
 Each stage runs through its launcher (calibrate, cache_teacher.sh, compress, distill, evaluate) as a child process;
 what a cell did is in <output>/<testbed>/<method>/r<budget>/ (cell.json, logs/, loss.png). Rerunning the same
@@ -17,7 +18,7 @@ import os
 import sys
 
 from moe_ds.cli import run
-from moe_ds.sweep import SweepConfigError, collect, failed, load_config, run_sweep, write_outputs
+from moe_ds.sweep import SweepConfigError, collect, failed, load_config, run_sweep, select, write_outputs
 
 
 def main(argv=None) -> None:
@@ -26,9 +27,12 @@ def main(argv=None) -> None:
     ap.add_argument("--output", help="sweep folder (default: the config's output)")
     ap.add_argument("--report-only", action="store_true", help="write sweep.csv/md and pareto.png from the cells "
                     "already finished, running nothing")
+    ap.add_argument("--zero-shot", action="store_true", help="compress and evaluate zero-shot only (distill.steps "
+                    "0: no cache, distillation or control); a later run without it distils the same cells")
+    ap.add_argument("--methods", help="comma-separated method names of the config to run (default: all)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-    cfg = load_config(args.config, args.output)
+    cfg = select(load_config(args.config, args.output), args.methods, args.zero_shot)
     import torch
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))  # in-process perplexity; ranks get 1 thread each

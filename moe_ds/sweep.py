@@ -28,6 +28,7 @@ Mean task accuracy is the mean over the testbed's tasks of each task's ``evaluat
 to ``acc``, then ``exact_match``); tasks without an accuracy (wikitext) are left out of the mean.
 """
 
+import copy
 import csv
 import dataclasses
 import io
@@ -965,6 +966,27 @@ def write_outputs(out: str | Path, cfg: SweepConfig | None, testbeds: dict, reco
     write_atomic(out / SWEEP_MD, sweep_markdown(rows, title))
     plot_pareto(rows, out / PARETO_PNG)
     return rows
+
+
+def select(cfg: SweepConfig, methods: str | None = None, zero_shot: bool = False) -> SweepConfig:
+    """The config restricted to ``methods`` (comma-separated names, None: all) and, with ``zero_shot``, to the
+    zero-shot phases (``distill.steps`` 0). Cell keys do not depend on the other methods, so a subset's cells are
+    the full sweep's.
+
+    Raises:
+        SweepConfigError: a name is not one of the config's methods.
+    """
+    cfg = copy.deepcopy(cfg)
+    if methods:
+        names = [n.strip() for n in methods.split(",") if n.strip()]
+        known = [m.name for m in cfg.methods]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise SweepConfigError(f"--methods {methods!r}: unknown {unknown}; the config has {known}")
+        cfg.methods = [m for m in cfg.methods if m.name in names]
+    if zero_shot:
+        cfg.distill.steps = 0
+    return cfg
 
 
 def collect(cfg: SweepConfig) -> tuple[dict, list[dict]]:

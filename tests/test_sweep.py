@@ -38,14 +38,16 @@ def smoke(tmp_path: Path, teacher: Path, texts, **changes) -> dict:
     return data
 
 
-@pytest.mark.parametrize("shipped", ["toy.yaml", "toy_strong.yaml", "smoke.yaml"])
+@pytest.mark.parametrize("shipped", ["toy.yaml", "toy_strong.yaml", "smollm.yaml", "smoke.yaml"])
 def test_shipped_configs_validate(shipped, tmp_path, tiny_lm_dir, texts):
     data = yaml.safe_load((REPO / "sweeps" / shipped).read_text())
     for tb in data["testbeds"]:  # the toy teacher is built by make demo: validate against the tiny stand-in
         tb.update(teacher=str(tiny_lm_dir), train=str(texts[0]), heldout=str(texts[1]))
+        if "data_dir" in tb:
+            tb["data_dir"] = str(tmp_path)
     cfg = parse_config(data)
     assert cfg.budgets and cfg.methods and cfg.distill.steps >= 1
-    if shipped in ("toy.yaml", "toy_strong.yaml"):
+    if shipped in ("toy.yaml", "toy_strong.yaml", "smollm.yaml"):
         names = {m.name: m for m in cfg.methods}
         assert {"shared_core", "lowrank", "delta", "prune", "merge", "magnitude"} <= set(names)
         assert names["shared_core+int4"].flags["quantize"] == "int4-g64"
@@ -303,6 +305,19 @@ def test_quantized_method_is_distilled_by_qat_of_its_full_precision_twin(tmp_pat
     calls.clear()
     sweep.run_sweep(cfg, run=_fake_pipeline(tiny_lm_dir, calls))
     assert calls == []
+
+
+def test_select_restricts_methods_and_phases(tmp_path, tiny_lm_dir, texts):
+    data = smoke(tmp_path, tiny_lm_dir, texts, methods=[{"name": "lowrank"}, {"name": "delta"}])
+    cfg = parse_config(data)
+    part = sweep.select(cfg, "delta", zero_shot=True)
+    assert [m.name for m in part.methods] == ["delta"] and part.distill.steps == 0
+    assert [m.name for m in cfg.methods] == ["lowrank", "delta"] and cfg.distill.steps == 2  # a copy
+    keys = sweep.testbed_keys(cfg, cfg.testbeds[0])  # a subset's cells are the full sweep's
+    assert (sweep.cell_keys(part, keys, part.methods[0], 0.5, "t")["zero_shot"]
+            == sweep.cell_keys(cfg, keys, cfg.methods[1], 0.5, "t")["zero_shot"])
+    with pytest.raises(SweepConfigError, match="unknown \\['prune'\\]"):
+        sweep.select(cfg, "delta,prune")
 
 
 def test_zero_shot_sweep_runs_no_cache_distillation_or_control(tmp_path, tiny_lm_dir, texts):
