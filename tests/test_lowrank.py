@@ -274,6 +274,23 @@ def test_zero3_safety_own_parameters_and_no_stale_state():
         assert (after - before).abs().max() > 1e-3
 
 
+def test_rank_zero_factors_are_buffers_not_parameters():
+    """ZeRO-3 cannot gather an empty parameter (the delta form at 1/8 of expert bytes is rank 0: its bases alone):
+    rank-0 factors are empty persistent buffers, the state dict keeps every key and shape, the forward works."""
+    m = LowRankExperts(6, 32, 24, {"gate": 0, "up": 3, "down": 0}, base=True)
+    params = dict(m.named_parameters())
+    assert set(params) == {"gate_base", "up_a", "up_b", "up_base", "down_base"}
+    assert all(p.numel() > 0 for p in params.values())
+    state = m.state_dict()
+    assert len(state) == 9 and state["gate_a"].shape == (6, 24, 0) and state["down_b"].shape == (6, 0, 24)
+    m.load_state_dict({k: torch.randn_like(v) for k, v in state.items()})  # a saved checkpoint loads back
+    x = torch.randn(5, 32)
+    idx, w = routing(5, 6, 2)
+    for impl in ("loop", "grouped"):
+        m.implementation = impl
+        assert torch.isfinite(m(x, idx, w)).all()
+
+
 def test_output_error_takes_low_rank_factors():
     g = torch.Generator().manual_seed(8)
     e, d, i, k, t = 6, 16, 12, 2, 40
