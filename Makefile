@@ -40,11 +40,14 @@ bench: venv
 	$(PY) bench/live_teacher.py
 
 # The comparison harness (issue #16): every method x budget on the strong toy teacher, zero-shot and after the same
-# distillation (sweep.csv/md, pareto.png in runs/sweep_toy_strong). Not yet timed end to end: the teacher build is
-# ~27 min (estimated), the sweep ~1 h (estimated from single cells); the SmolLM2 testbed is not in it yet.
+# distillation (runs/sweep_toy_strong), and a zero-shot subset on the SmolLM2-135M MoE (runs/sweep_smollm).
+# Measured 2026-12-02 on 2 cores with two of these jobs sharing them: toy teacher 31 min, toy sweep 75 min, SmolLM2
+# MoE 38 min, its zero-shot sweep ~50 min: over 2 h in all (README, Comparing methods).
 bench-quality: venv
 	$(PY) launch/build_toy_teacher.py --preset strong
 	$(PY) launch/sweep.py --config sweeps/toy_strong.yaml
+	$(PY) launch/build_smollm_moe.py
+	$(PY) launch/sweep.py --config sweeps/smollm.yaml --zero-shot --methods shared_core,lowrank,delta,magnitude,prune,merge
 
 clean-venv:
 	rm -rf $(VENV)
