@@ -22,7 +22,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .arch import PROJECTIONS
-from .shared_core import check_ranks, grouped_kernel_available, require_grouped_kernel, rows_by_expert
+from .shared_core import (check_ranks, grouped_kernel_available, register_factor, require_grouped_kernel,
+                          rows_by_expert)
 
 
 class LowRankError(ValueError):
@@ -108,15 +109,8 @@ class LowRankExperts(nn.Module):
         for p in PROJECTIONS:
             d_out, d_in = self.projection_shape(p)
             r = self.ranks[p]
-            for name, shape in (("a", (num_experts, d_out, r)), ("b", (num_experts, r, d_in))):
-                factor = torch.empty(*shape, **kw)
-                if r == 0:
-                    # rank 0 (the delta form's bases alone): nothing to train, and ZeRO-3 cannot partition or
-                    # gather an empty parameter (torch.cat of no partitions in its fetch); an empty persistent
-                    # buffer keeps the checkpoint's keys and shapes (as in SharedCoreExperts).
-                    self.register_buffer(f"{p}_{name}", factor)
-                else:
-                    setattr(self, f"{p}_{name}", nn.Parameter(factor))
+            register_factor(self, f"{p}_a", torch.empty(num_experts, d_out, r, **kw))  # rank 0: a buffer
+            register_factor(self, f"{p}_b", torch.empty(num_experts, r, d_in, **kw))
             if self.has_base:
                 setattr(self, f"{p}_base", nn.Parameter(torch.empty(d_out, d_in, **kw)))
         self.reset_parameters()

@@ -20,6 +20,18 @@ from .arch import PROJECTIONS
 _FACTORS = ("core", "u_in", "v_in", "u_out", "v_out")
 
 
+def register_factor(module: nn.Module, name: str, factor: torch.Tensor) -> None:
+    """Register a wrapper factor on ``module``: a parameter, or, when it is empty (rank 0), a persistent buffer.
+
+    A rank-0 factor has nothing to train, and ZeRO-3 cannot partition or gather an empty parameter (torch.cat of no
+    partitions in its fetch); the buffer keeps the checkpoint's keys and shapes.
+    """
+    if factor.numel() == 0:
+        module.register_buffer(name, factor)
+    else:
+        setattr(module, name, nn.Parameter(factor))
+
+
 def check_ranks(ranks: dict, hidden_size: int, intermediate_size: int, error: type = ValueError) -> dict[str, int]:
     """{"gate": r, "up": r, "down": r} as ints, each in [0, min(d, I)] (shared by every low-rank experts module).
 
@@ -185,14 +197,7 @@ class SharedCoreExperts(nn.Module):
             r = self.ranks[p]
             setattr(self, f"{p}_core", nn.Parameter(torch.empty(d_out, d_in, **kw)))
             for name, dim in (("u_in", d_in), ("v_in", d_in), ("u_out", d_out), ("v_out", d_out)):
-                factor = torch.empty(num_experts, dim, r, **kw)
-                if r == 0:
-                    # rank 0 (cores only): nothing to train, and ZeRO-3 cannot partition or gather an empty
-                    # parameter (torch.cat of no partitions in its fetch); an empty persistent buffer keeps the
-                    # checkpoint's keys and shapes.
-                    self.register_buffer(f"{p}_{name}", factor)
-                else:
-                    setattr(self, f"{p}_{name}", nn.Parameter(factor))
+                register_factor(self, f"{p}_{name}", torch.empty(num_experts, dim, r, **kw))
         self.reset_parameters()
 
     def projection_shape(self, proj: str) -> tuple[int, int]:
