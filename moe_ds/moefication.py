@@ -45,7 +45,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -569,23 +569,31 @@ def write_testbed_text(data_dir: str | Path, out_dir: str | Path) -> dict[str, i
     train = [topics[k] for k in sorted(topics)]
     write_atomic(out / "train.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in train))
     counts: dict[str, int | None] = {"train": len(train), "heldout": None}
-    source = Path(data_dir) / WIKITEXT_FILE
-    if source.is_file():
-        docs = [json.loads(line)["page"] for line in source.open(encoding="utf-8") if line.strip()]
+    docs = wikitext_documents(data_dir)
+    if docs is not None:
+        docs = list(docs)
         write_atomic(out / "heldout.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs))
         counts["heldout"] = len(docs)
     return counts
+
+
+def wikitext_documents(data_dir: str | Path) -> Iterator[str] | None:
+    """The WikiText-2 test documents of ``data_dir`` (the ``page`` field of each line), read lazily; None when the
+    file is absent."""
+    path = Path(data_dir) / WIKITEXT_FILE
+    if not path.is_file():
+        return None
+    return (json.loads(line)["page"] for line in path.open(encoding="utf-8") if line.strip())
 
 
 def wikitext_windows(data_dir: str | Path, tokenizer, n: int, seq_len: int) -> torch.Tensor | None:
     """[n, seq_len] int64 windows of the WikiText-2 test documents in ``data_dir`` (None when the file is absent)."""
     from moe_ds.corpus import pack_sequences
 
-    path = Path(data_dir) / WIKITEXT_FILE
-    if not path.is_file():
+    docs = wikitext_documents(data_dir)
+    if docs is None:
         return None
-    docs = (json.loads(line)["page"] for line in path.open(encoding="utf-8") if line.strip())
-    seqs = list(pack_sequences(docs, tokenizer, seq_len, max_sequences=n, name=str(path)))
+    seqs = list(pack_sequences(docs, tokenizer, seq_len, max_sequences=n, name=str(Path(data_dir) / WIKITEXT_FILE)))
     return torch.from_numpy(np.stack(seqs).astype(np.int64))
 
 
