@@ -834,12 +834,20 @@ def sweep_markdown(rows: list[dict], title: str = "") -> str:
     """A table per testbed: methods × budgets, each cell "zero-shot → distilled" held-out perplexity (and the mean
     task accuracy in a second table when tasks ran); the best zero-shot and the best distilled value per budget in
     bold; the teacher and the control (teacher trained on for the same steps) as rows of their own."""
+    cells = [r for r in rows if r["method"] not in ("teacher", "control")]
+    distilled = [r for r in cells if r["phase"] == "distilled" and r["status"] != "not run"]
+    if distilled:
+        legend = ("Held-out perplexity (token-level, same windows for every model), zero-shot → after the same "
+                  "distillation; gap to the teacher in %. Best zero-shot and best distilled method per budget in bold.")
+        if len(distilled) < len([r for r in cells if r["phase"] == "distilled"]):
+            legend += " A cell with one value was not distilled (a zero-shot pass)."
+    else:
+        legend = ("Held-out perplexity (token-level, same windows for every model), zero-shot only: this sweep ran "
+                  "no distillation. Gap to the teacher in %; best method per budget in bold.")
     lines = [f"# {title or 'Compression sweep'}", "",
-             "Held-out perplexity (token-level, same windows for every model), zero-shot → after the same "
-             "distillation; gap to the teacher in %. Best zero-shot and best distilled method per budget in bold. "
-             "`infeasible`: the method cannot meet the budget; `failed`: see sweep.csv and the cell's logs. A "
-             "quantized method (+int4) is distilled by quantization-aware training of its full-precision twin and "
-             "evaluated packed, at the same expert bytes.", ""]
+             legend + " `infeasible`: the method cannot meet the budget; `failed`: see sweep.csv and the cell's logs."
+             " A quantized method (+int4) is distilled by quantization-aware training of its full-precision twin and"
+             " evaluated packed, at the same expert bytes.", ""]
     for testbed in dict.fromkeys(r["testbed"] for r in rows):
         mine = [r for r in rows if r["testbed"] == testbed]
         budgets = sorted({r["budget"] for r in mine if r["method"] not in ("teacher", "control")}, reverse=True)

@@ -170,6 +170,7 @@ def test_writers_on_fabricated_results(tmp_path):
                                     "**150.00** (+50.0 %) → **112.00** (+12.0 %)"]
     assert lines["lowrank"] == ["**110.00** (+10.0 %) → 107.50 (+7.5 %)", "160.00 (+60.0 %) → failed"]
     assert lines["prune"] == ["", "infeasible"]
+    assert "zero-shot → after the same distillation" in md and "not distilled" not in md
     acc_table = md.split("### mean task accuracy")[1]
     acc_lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
                  for line in acc_table.splitlines() if line.startswith("| ") and "---" not in line}
@@ -336,12 +337,27 @@ def test_zero_shot_sweep_runs_no_cache_distillation_or_control(tmp_path, tiny_lm
     md = (Path(cfg.output) / sweep.SWEEP_MD).read_text()
     assert re.search(r"\| lowrank \| \*\*[\d.]+\*\* \([^)]*\) \|", md) and "not run" not in md
     assert "control" not in md
+    assert "zero-shot only: this sweep ran no distillation" in md and "→" not in md
     calls.clear()
     sweep.run_sweep(cfg, run=_fake_pipeline(tiny_lm_dir, calls))
     assert calls == []
     data["distill"]["steps"] = 2  # the same cells, now distilled: the compressed models are reused
     sweep.run_sweep(parse_config(data), run=_fake_pipeline(tiny_lm_dir, calls))
     assert [c[0] for c in calls] == ["cache", "control", "distill"]
+
+
+def test_markdown_says_which_cells_were_not_distilled():
+    """A table mixing distilled cells with zero-shot-only ones says so; the zero-shot-only cell shows one value."""
+    def row(method, phase, status, ppl):
+        return {"testbed": "t", "method": method, "budget": 0.5, "expert_bytes_ratio": 0.5, "phase": phase,
+                "status": status, "ppl": ppl, "gap_pct": None, "tasks": {}, "mean_acc": None, "seconds": 1.0,
+                "error": None}
+
+    md = sweep.sweep_markdown([row("a", "zero_shot", "done", 120.0), row("a", "distilled", "done", 110.0),
+                               row("b", "zero_shot", "done", 130.0), row("b", "distilled", "not run", None)])
+    assert "zero-shot → after the same distillation" in md
+    assert "A cell with one value was not distilled" in md
+    assert "| a | **120.00** → **110.00** |" in md and "| b | 130.00 |" in md
 
 
 @pytest.mark.slow
