@@ -10,9 +10,11 @@ same cache → perplexity (+ tasks).
 
 Resumability: every phase's record is written atomically into ``<cell>/cell.json`` (``<testbed>/testbed.json`` for
 the shared phases) with the *key* of its inputs (the settings and upstream keys it depends on). A rerun skips a
-phase whose record holds the same key, and redoes it and every phase after it otherwise; a compressed model that is
-complete (``config.json`` written last) is not compressed again, and a distillation stopped mid-way continues with
-``--resume``. A failed cell is recorded with its error, the sweep goes on, and the exit status is non-zero at the
+phase whose record holds the same key, and redoes it and every phase after it otherwise; a distillation stopped
+mid-way continues with ``--resume``. The records are the results: a sweep folder whose models, caches and
+checkpoints were deleted (or records copied to another machine) still reports, and a rerun remakes a file only where
+a phase still to run reads it (a cell's compressed model for its distillation, the teacher cache for the control
+and the distillations, the calibration for the compress steps that use it). A failed cell is recorded with its error, the sweep goes on, and the exit status is non-zero at the
 end; a budget the method cannot meet (pruning below top-k experts, a shared core larger than the budget) is
 recorded as ``infeasible`` before any launcher runs (``moe_ds.budget``). A method with ``quantize`` is
 distilled by quantization-aware training: launch/distill.py refuses a packed student, so the cell writes the packed
@@ -338,6 +340,18 @@ def _read(path: Path) -> dict:
         return {}
 
 
+def _portable(key):
+    """``key`` with paths inside the checkout made relative to it, so that records compare equal in another checkout
+    of the repository (a copy of the records on another machine)."""
+    if isinstance(key, dict):
+        return {k: _portable(v) for k, v in key.items()}
+    if isinstance(key, list):
+        return [_portable(v) for v in key]
+    if isinstance(key, str) and key.startswith(f"{REPO}/"):
+        return key[len(str(REPO)) + 1:]
+    return key
+
+
 class _Phases:
     """One folder's phase records (``cell.json`` / ``testbed.json``). A phase is done when its stored key equals the
     current one; every key holds the keys of the phases it depends on, so a changed input redoes everything
@@ -351,15 +365,16 @@ class _Phases:
 
     def forget_stale(self, keys: dict) -> None:
         """Drop the records of phases whose inputs changed (their results no longer describe this config)."""
-        for phase in [p for p, entry in self.record["phases"].items() if entry.get("key") != keys.get(p)]:
+        for phase in [p for p, entry in self.record["phases"].items()
+                      if _portable(entry.get("key")) != _portable(keys.get(p))]:
             del self.record["phases"][phase]
 
     def done(self, phase: str, key: dict) -> bool:
         entry = self.record["phases"].get(phase)
-        return entry is not None and entry.get("key") == key
+        return entry is not None and _portable(entry.get("key")) == _portable(key)
 
     def save(self, phase: str, key: dict, **values) -> dict:
-        entry = {"key": key, **values}
+        entry = {"key": _portable(key), **values}
         self.record["phases"][phase] = entry
         self.write()
         return entry
@@ -537,16 +552,10 @@ def _distill(ctx: _Context, student: Path, cache: Path, out: Path, log_dir: Path
 
 def _final_checkpoint(ctx: _Context, run_dir: Path, packed: bool = False) -> Path:
     """``checkpoint-<steps>``, or with ``packed`` the quantized ``quantized-<steps>`` a QAT run writes at its end."""
-    if packed:
-        from .qat import QUANTIZED_PREFIX
-
-        ckpt = run_dir / f"{QUANTIZED_PREFIX}{ctx.cfg.distill.steps}"
-        if not (ckpt / "config.json").is_file():
-            raise StageFailed(f"{ckpt} is missing after quantization-aware distillation")
-        return ckpt
-    ckpt = run_dir / f"checkpoint-{ctx.cfg.distill.steps}"
-    if not is_complete_checkpoint(ckpt):
-        raise StageFailed(f"{ckpt} is missing or incomplete after distillation")
+    ckpt = _distilled_checkpoint(run_dir, ctx.cfg.distill.steps, packed)
+    if ckpt is None:
+        raise StageFailed(f"{run_dir}: the final checkpoint of {ctx.cfg.distill.steps} steps is missing or incomplete"
+                          + (" after quantization-aware distillation" if packed else " after distillation"))
     return ckpt
 
 
@@ -575,7 +584,11 @@ def prepare_testbed(ctx: _Context, tb: TestbedConfig) -> dict:
     phases = _Phases(root / TESTBED_RECORD, {"testbed": asdict(tb)})
     keys = testbed_keys(cfg, tb)
     phases.forget_stale(keys)
-    if any(m.calibration for m in cfg.methods) and not phases.done("calibration", keys["calibration"]):
+    todo = {(m.name, b): cell_plan(cfg, tb, keys, m, b) for m in cfg.methods for b in cfg.budgets}
+    control_todo = control_plan(cfg, root, keys, phases)
+    calibrated = phases.done("calibration", keys["calibration"]) and (shared / "calibration").is_dir()
+    if not calibrated and any(m.calibration and "compress" in todo[m.name, b]
+                              for m in cfg.methods for b in cfg.budgets):
         c, out = cfg.calibration, shared / "calibration"
         seconds = ctx.run("calibrate", launcher("calibrate.py", cfg.nproc) + [
             "--model", tb.teacher, "--data", tb.train, "--output", str(out), "--num-sequences", str(c.sequences),
@@ -583,7 +596,8 @@ def prepare_testbed(ctx: _Context, tb: TestbedConfig) -> dict:
             + (["--overwrite"] if _started_for_other(out, keys["calibration"]) else []), cfg.nproc, logs)
         phases.save("calibration", keys["calibration"], seconds=seconds)
         _log(ctx, tb.name, "calibration", seconds)
-    if cfg.distill.steps and not phases.done("cache", keys["cache"]):  # a zero-shot sweep needs no cache
+    cached = phases.done("cache", keys["cache"]) and (shared / "teacher_cache.h5").is_file()
+    if not cached and ("control" in control_todo or any("distill" in t for t in todo.values())):
         c, out = cfg.cache, shared / "teacher_cache.h5"
         command = cache_command(tb.teacher, tb.train, out, c.top_k, c.seq_len, cfg.nproc, c.sequences, c.batch_size)
         seconds = ctx.run("cache", command
@@ -598,13 +612,13 @@ def prepare_testbed(ctx: _Context, tb: TestbedConfig) -> dict:
     phases.record.pop("error", None)
     if cfg.control and cfg.distill.steps:
         try:
-            if not phases.done("control", keys["control"]):
+            if "control" in control_todo:
                 seconds = _distill(ctx, Path(tb.teacher), shared / "teacher_cache.h5", shared / "control", logs,
                                    "control", keys["control"])
                 phases.save("control", keys["control"], seconds=seconds)
                 _log(ctx, tb.name, "control distillation", seconds)
                 _loss_plot(shared / "control" / "train_log.jsonl", shared / LOSS_PNG, f"{tb.name}: teacher trained on")
-            if not phases.done("control_eval", keys["control_eval"]):
+            if "control_eval" in control_todo:
                 ckpt = _final_checkpoint(ctx, shared / "control")
                 result = _evaluate(ctx, tb, ckpt, ckpt / "eval", logs, "control_eval")
                 phases.save("control_eval", keys["control_eval"], **result)
@@ -627,6 +641,50 @@ def cell_keys(cfg: SweepConfig, keys: dict, method: MethodConfig, budget: float,
     return out
 
 
+def _distilled_checkpoint(run_dir: Path, steps: int, packed: bool) -> Path | None:
+    """The checkpoint a distillation of ``steps`` leaves in ``run_dir`` for its evaluation, None when it is absent."""
+    if packed:
+        from .qat import QUANTIZED_PREFIX
+
+        ckpt = run_dir / f"{QUANTIZED_PREFIX}{steps}"
+        return ckpt if (ckpt / "config.json").is_file() else None
+    ckpt = run_dir / f"checkpoint-{steps}"
+    return ckpt if is_complete_checkpoint(ckpt) else None
+
+
+def cell_plan(cfg: SweepConfig, tb: TestbedConfig, keys: dict, method: MethodConfig, budget: float) -> list[str]:
+    """The phases of a cell still to run (in :data:`CELL_PHASES` order): those without a record of their current
+    key, and those whose file a phase still to run reads but that is gone (the compressed model, the distilled
+    checkpoint). Empty for a finished or infeasible cell.
+
+    Args:
+        keys: the testbed's keys (:func:`testbed_keys`).
+    """
+    if infeasible_reason(tb.teacher, method, budget) is not None:
+        return []
+    folder = cell_dir(cfg, tb.name, method.name, budget)
+    phases = _Phases(folder / CELL_RECORD, {})
+    ckeys = cell_keys(cfg, keys, method, budget, tb.teacher)
+    needed = CELL_PHASES if cfg.distill.steps else CELL_PHASES[:2]  # steps 0: a zero-shot sweep
+    todo = {p for p in needed if not phases.done(p, ckeys[p])}
+    if "distilled" in todo and _distilled_checkpoint(folder / "distill", cfg.distill.steps,
+                                                     qat_spec(method) is not None) is None:
+        todo.add("distill")
+    if todo & {"zero_shot", "distill"} and not (folder / "compressed" / "config.json").is_file():
+        todo.add("compress")
+    return [p for p in CELL_PHASES if p in todo]
+
+
+def control_plan(cfg: SweepConfig, root: Path, keys: dict, phases: _Phases) -> list[str]:
+    """The control's phases still to run (``control``, ``control_eval``), by the rule of :func:`cell_plan`."""
+    if not (cfg.control and cfg.distill.steps):
+        return []
+    todo = {p for p in ("control", "control_eval") if not phases.done(p, keys[p])}
+    if "control_eval" in todo and _distilled_checkpoint(root / "shared" / "control", cfg.distill.steps, False) is None:
+        todo.add("control")
+    return [p for p in ("control", "control_eval") if p in todo]
+
+
 def run_cell(ctx: _Context, tb: TestbedConfig, keys: dict, method: MethodConfig, budget: float) -> dict:
     """Compress → zero-shot evaluation → distillation → evaluation of one cell, each phase skipped when its record
     holds the same key (a failure is recorded, never raised).
@@ -642,6 +700,7 @@ def run_cell(ctx: _Context, tb: TestbedConfig, keys: dict, method: MethodConfig,
     where = f"{tb.name} {method.name} {budget:g}"
     shared, logs = Path(cfg.output) / tb.name / "shared", folder / "logs"
     phases = _Phases(folder / CELL_RECORD, {"testbed": tb.name, "method": method.name, "budget": budget})
+    todo = cell_plan(cfg, tb, keys, method, budget)
     keys = cell_keys(cfg, keys, method, budget, tb.teacher)
     phases.forget_stale(keys)
     reason = infeasible_reason(tb.teacher, method, budget)
@@ -650,16 +709,16 @@ def run_cell(ctx: _Context, tb: TestbedConfig, keys: dict, method: MethodConfig,
         phases.write()
         return phases.record
     qat = qat_spec(method)
-    needed = CELL_PHASES if cfg.distill.steps else CELL_PHASES[:2]  # steps 0: a zero-shot sweep
     phases.record["zero_shot_only"] = not cfg.distill.steps
-    if all(phases.done(p, keys[p]) for p in needed):
+    if not todo:
         phases.record.update(status="done", error=None)
         phases.write()
         return phases.record
     phases.record.update(status="running", error=None)
     compressed = folder / "compressed"
     try:
-        if not phases.done("compress", keys["compress"]):
+        if "compress" in todo:
+            shutil.rmtree(folder / "qat_student", ignore_errors=True)  # the twin of an earlier compressed model
             cmd = launcher("compress.py", cfg.nproc) + [
                 "--model", tb.teacher, "--output", str(compressed), "--method", method.method, "--target-ratio",
                 str(budget), "--overwrite", *_flags(method.flags)]
@@ -669,11 +728,11 @@ def run_cell(ctx: _Context, tb: TestbedConfig, keys: dict, method: MethodConfig,
             entry = phases.save("compress", keys["compress"], seconds=seconds,
                                 expert_bytes_ratio=expert_bytes_ratio(compressed))
             _log(ctx, where, "compress", seconds, f"expert bytes {entry['expert_bytes_ratio']:.4f} of the original")
-        if not phases.done("zero_shot", keys["zero_shot"]):
+        if "zero_shot" in todo:
             result = _evaluate(ctx, tb, compressed, compressed / "eval", logs, "zero_shot_eval")
             phases.save("zero_shot", keys["zero_shot"], **result)
             _log(ctx, where, "zero-shot evaluation", result["seconds"], f"ppl {result['ppl']:.3f}")
-        if cfg.distill.steps and not phases.done("distill", keys["distill"]):
+        if "distill" in todo:
             student, extra = compressed, []
             if qat is not None:  # QAT of the packed model's full-precision twin (launch/distill.py takes no packed student)
                 from .checkpoint import export_dequantized
@@ -686,7 +745,7 @@ def run_cell(ctx: _Context, tb: TestbedConfig, keys: dict, method: MethodConfig,
             phases.save("distill", keys["distill"], seconds=seconds)
             _log(ctx, where, "distillation" + (f" (QAT {qat})" if qat else ""), seconds)
             _loss_plot(folder / "distill" / "train_log.jsonl", folder / LOSS_PNG, where)
-        if cfg.distill.steps and not phases.done("distilled", keys["distilled"]):
+        if "distilled" in todo:
             ckpt = _final_checkpoint(ctx, folder / "distill", packed=qat is not None)
             result = _evaluate(ctx, tb, ckpt, ckpt / "eval", logs, "distilled_eval")
             phases.save("distilled", keys["distilled"], **result)

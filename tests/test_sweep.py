@@ -210,7 +210,7 @@ def test_failed_cell_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_lm_dir, te
 
 def _fake_pipeline(tiny_lm_dir: Path, calls: list):
     """A stage runner that writes what each launcher would (a copy of the tiny model as the compressed model and as
-    checkpoint-<steps>), recording (name, cmd, whether the output existed before)."""
+    checkpoint-<steps>, an empty teacher cache and calibration folder), recording (name, cmd, whether the output existed before)."""
     import shutil
 
     def run(name, cmd, nproc, log_dir):
@@ -225,6 +225,10 @@ def _fake_pipeline(tiny_lm_dir: Path, calls: list):
         elif name == "compress":
             shutil.copytree(tiny_lm_dir, out, dirs_exist_ok=True)
             (out / "compression_statistics.yaml").write_text("expert_bytes: {ratio: 0.4999}\n")
+        elif name == "cache":
+            out.write_bytes(b"")
+        elif name == "calibrate":
+            out.mkdir(parents=True, exist_ok=True)
         elif name in ("distill", "control"):
             steps = cmd[cmd.index('--max-steps') + 1]
             ckpt = out / f"checkpoint-{steps}"
@@ -269,6 +273,55 @@ def test_half_finished_cell_resumes_from_its_last_phase(tmp_path, tiny_lm_dir, t
     again = sweep.run_sweep(cfg, run=run)[0]
     assert calls == [] and again["status"] == "done"
     assert again["phases"]["zero_shot"]["key"]["eval"]["windows"] == 3
+
+
+def test_records_without_their_files_report_and_remake_only_what_a_pending_phase_reads(tmp_path, tiny_lm_dir, texts):
+    """The records are the results: with every model, cache and checkpoint deleted (records copied to another
+    machine), a rerun runs nothing and reports the same table; a cell whose distilled evaluation is still to run
+    gets back the files it reads (the cache, its compressed model, its distillation), and the control is left alone."""
+    data = smoke(tmp_path, tiny_lm_dir, texts, control=True)
+    cfg = parse_config(data)
+    calls = []
+    sweep.run_sweep(cfg, run=_fake_pipeline(tiny_lm_dir, calls))
+    assert [c[0] for c in calls] == ["cache", "control", "compress", "distill"]
+    out = Path(cfg.output)
+    md = (out / sweep.SWEEP_MD).read_text()
+    for path in sorted(out.rglob("*"), reverse=True):  # keep cell.json and testbed.json only
+        if path.is_file() and path.name not in (sweep.CELL_RECORD, sweep.TESTBED_RECORD):
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    assert not (out / "tiny" / "shared" / "teacher_cache.h5").exists()
+    calls.clear()
+    records = sweep.run_sweep(cfg, run=_fake_pipeline(tiny_lm_dir, calls))
+    assert calls == [] and records[0]["status"] == "done"
+    assert (out / sweep.SWEEP_MD).read_text() == md
+
+    cell = sweep.cell_dir(cfg, "tiny", "lowrank", 0.5)
+    record = json.loads((cell / sweep.CELL_RECORD).read_text())
+    del record["phases"]["distilled"]
+    (cell / sweep.CELL_RECORD).write_text(json.dumps(record))
+    calls.clear()
+    records = sweep.run_sweep(cfg, run=_fake_pipeline(tiny_lm_dir, calls))
+    assert [c[0] for c in calls] == ["cache", "compress", "distill"] and records[0]["status"] == "done"
+    assert "--resume" not in calls[2][1]
+    calls.clear()
+    sweep.run_sweep(cfg, run=_fake_pipeline(tiny_lm_dir, calls))
+    assert calls == []
+
+
+def test_records_are_keyed_by_paths_relative_to_the_checkout(tmp_path, monkeypatch):
+    """A record written in one checkout is done in another (records copied between machines), and one written with
+    absolute paths by an older version still compares equal in its own checkout."""
+    key = {"teacher": f"{sweep.REPO}/runs/t", "budget": 0.5, "tasks": ["piqa"], "data_dir": "/data/shared"}
+    sweep._Phases(tmp_path / "new.json", {}).save("compress", key)
+    assert json.loads((tmp_path / "new.json").read_text())["phases"]["compress"]["key"]["teacher"] == "runs/t"
+    (tmp_path / "old.json").write_text(json.dumps({"phases": {"compress": {"key": key}}}))
+    assert sweep._Phases(tmp_path / "old.json", {}).done("compress", key)
+    monkeypatch.setattr(sweep, "REPO", Path("/elsewhere/moe-ds"))
+    moved = {**key, "teacher": "/elsewhere/moe-ds/runs/t"}
+    assert sweep._Phases(tmp_path / "new.json", {}).done("compress", moved)
+    assert not sweep._Phases(tmp_path / "new.json", {}).done("compress", {**moved, "data_dir": "/data/other"})
 
 
 def test_quantized_method_is_distilled_by_qat_of_its_full_precision_twin(tmp_path, tiny_lm_dir, texts):
