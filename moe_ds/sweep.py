@@ -843,8 +843,8 @@ def sweep_rows(testbeds: dict, records: list[dict]) -> list[dict]:
             status = "done" if entry else r.get("status", "failed")
             if phase == "distilled" and not entry and r.get("zero_shot_only") and status == "done":
                 status = "not run"
-            if status == "running":
-                status = "failed"
+            if status == "running":  # a sweep still running, or one stopped mid-cell
+                status = "not finished"
             rows.append({"testbed": r["testbed"], "method": r["method"], "budget": r["budget"],
                          "expert_bytes_ratio": ratio, "phase": phase, "status": status, "ppl": entry.get("ppl"),
                          "tasks": entry.get("tasks") or {}, "mean_acc": entry.get("mean_acc"),
@@ -943,7 +943,8 @@ def sweep_markdown(rows: list[dict], title: str = "") -> str:
                         if key == "ppl" and r["gap_pct"] is not None:
                             text += f" ({r['gap_pct']:+.1f} %)"
                         parts.append(text)
-                    if parts[0] == parts[1] and parts[0] in ("infeasible", "failed") or parts[1] == "not run":
+                    if (parts[0] == parts[1] and parts[0] in ("infeasible", "failed", "not finished", "not run")
+                            or parts[1] == "not run"):
                         cells.append(parts[0])
                     else:
                         cells.append(" → ".join(parts))
@@ -1057,15 +1058,19 @@ def select(cfg: SweepConfig, methods: str | None = None, zero_shot: bool = False
 
 
 def collect(cfg: SweepConfig) -> tuple[dict, list[dict]]:
-    """The testbed and cell records already on disk (for rewriting the outputs without running anything)."""
+    """The testbed and cell records already on disk (for rewriting the outputs without running anything); a cell
+    without a record is ``infeasible`` when its budget is (:func:`infeasible_reason`), ``not run`` otherwise."""
     testbeds = {tb.name: _read(Path(cfg.output) / tb.name / TESTBED_RECORD) for tb in cfg.testbeds}
     records = []
     for tb in cfg.testbeds:
         for m in cfg.methods:
             for b in cfg.budgets:
                 r = _read(cell_dir(cfg, tb.name, m.name, b) / CELL_RECORD)
-                records.append(r or {"testbed": tb.name, "method": m.name, "budget": b, "status": "not run",
-                                     "error": "not run yet", "phases": {}})
+                if not r:
+                    reason = infeasible_reason(tb.teacher, m, b)
+                    r = {"testbed": tb.name, "method": m.name, "budget": b, "phases": {},
+                         "status": "not run" if reason is None else "infeasible", "error": reason or "not run yet"}
+                records.append(r)
     return {k: v for k, v in testbeds.items() if v}, records
 
 

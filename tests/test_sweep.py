@@ -324,6 +324,26 @@ def test_records_are_keyed_by_paths_relative_to_the_checkout(tmp_path, monkeypat
     assert not sweep._Phases(tmp_path / "new.json", {}).done("compress", {**moved, "data_dir": "/data/other"})
 
 
+def test_report_of_a_sweep_still_running(tmp_path, tiny_lm_dir, texts):
+    """--report-only while a sweep runs (or after it was stopped): the cell in progress reads "not finished", not
+    failed; a cell not reached reads "infeasible" where its budget is, "not run" otherwise."""
+    data = smoke(tmp_path, tiny_lm_dir, texts, control=False, budgets=[0.5, 0.25],
+                 methods=[{"name": "lowrank"}, {"name": "prune"}])
+    cfg = parse_config(data)
+    cell = sweep.cell_dir(cfg, "tiny", "lowrank", 0.5)
+    cell.mkdir(parents=True)
+    (cell / sweep.CELL_RECORD).write_text(json.dumps({**_cell("lowrank", 0.5, 0.4999, 120.0, None, status="running"), "testbed": "tiny"}))
+    testbeds, records = sweep.collect(cfg)
+    assert [(r["method"], r["budget"], r["status"]) for r in records] == [
+        ("lowrank", 0.5, "running"), ("lowrank", 0.25, "not run"), ("prune", 0.5, "not run"),
+        ("prune", 0.25, "infeasible")]
+    assert "fewer than top-k" in records[3]["error"]
+    md = sweep.sweep_markdown(sweep.sweep_rows({"tiny": {"phases": {"teacher": {"ppl": 100.0}}}}, records))
+    assert "| lowrank | **120.00** (+20.0 %) → not finished | not run |" in md
+    assert "| prune | not run | infeasible |" in md
+    assert "failed" not in md.split("\n## ", 1)[1]
+
+
 def test_quantized_method_is_distilled_by_qat_of_its_full_precision_twin(tmp_path, tiny_lm_dir, texts):
     """A +int8 cell: compress --quantize writes a packed model; distillation gets its unpacked twin (the same
     values) and --quantization int8; the distilled evaluation reads QAT's packed quantized-<steps> end."""
