@@ -14,10 +14,10 @@ phase whose record holds the same key, and redoes it and every phase after it ot
 mid-way continues with ``--resume``. The records are the results: a sweep folder whose models, caches and
 checkpoints were deleted (or records copied to another machine) still reports, and a rerun remakes a file only where
 a phase still to run reads it (a cell's compressed model for its distillation, the teacher cache for the control
-and the distillations, the calibration for the compress steps that use it). A failed cell is recorded with its error, the sweep goes on, and the exit status is non-zero at the
-end; a budget the method cannot meet (pruning below top-k experts, a shared core larger than the budget) is
-recorded as ``infeasible`` before any launcher runs (``moe_ds.budget``). A method with ``quantize`` is
-distilled by quantization-aware training: launch/distill.py refuses a packed student, so the cell writes the packed
+and the distillations, the calibration for the compress steps that use it). A failed cell is recorded with its
+error, the sweep goes on, and the exit status is non-zero at the end; a budget the method cannot meet (pruning below
+top-k experts, a shared core larger than the budget) is recorded as ``infeasible`` before any launcher runs
+(``moe_ds.budget``). A method with ``quantize`` is distilled by quantization-aware training: launch/distill.py refuses a packed student, so the cell writes the packed
 model's full-precision twin (``checkpoint.export_dequantized``: the same factors, holding the quantized values) and
 distils it with ``--quantization`` (the compress step's expert and router specs, ``moe_ds.qat``); the distilled
 evaluation reads the packed ``quantized-<steps>`` checkpoint QAT writes at its end, at the same expert bytes.
@@ -663,8 +663,12 @@ def cell_plan(cfg: SweepConfig, tb: TestbedConfig, keys: dict, method: MethodCon
     if infeasible_reason(tb.teacher, method, budget) is not None:
         return []
     folder = cell_dir(cfg, tb.name, method.name, budget)
-    phases = _Phases(folder / CELL_RECORD, {})
-    ckeys = cell_keys(cfg, keys, method, budget, tb.teacher)
+    return _cell_todo(cfg, folder, cell_keys(cfg, keys, method, budget, tb.teacher), _Phases(folder / CELL_RECORD, {}),
+                      method)
+
+
+def _cell_todo(cfg: SweepConfig, folder: Path, ckeys: dict, phases: _Phases, method: MethodConfig) -> list[str]:
+    """:func:`cell_plan` of a feasible cell from its keys (:func:`cell_keys`) and its read records."""
     needed = CELL_PHASES if cfg.distill.steps else CELL_PHASES[:2]  # steps 0: a zero-shot sweep
     todo = {p for p in needed if not phases.done(p, ckeys[p])}
     if "distilled" in todo and _distilled_checkpoint(folder / "distill", cfg.distill.steps,
@@ -700,7 +704,6 @@ def run_cell(ctx: _Context, tb: TestbedConfig, keys: dict, method: MethodConfig,
     where = f"{tb.name} {method.name} {budget:g}"
     shared, logs = Path(cfg.output) / tb.name / "shared", folder / "logs"
     phases = _Phases(folder / CELL_RECORD, {"testbed": tb.name, "method": method.name, "budget": budget})
-    todo = cell_plan(cfg, tb, keys, method, budget)
     keys = cell_keys(cfg, keys, method, budget, tb.teacher)
     phases.forget_stale(keys)
     reason = infeasible_reason(tb.teacher, method, budget)
@@ -708,6 +711,7 @@ def run_cell(ctx: _Context, tb: TestbedConfig, keys: dict, method: MethodConfig,
         phases.record.update(status="infeasible", error=reason)
         phases.write()
         return phases.record
+    todo = _cell_todo(cfg, folder, keys, phases, method)
     qat = qat_spec(method)
     phases.record["zero_shot_only"] = not cfg.distill.steps
     if not todo:
@@ -943,7 +947,7 @@ def sweep_markdown(rows: list[dict], title: str = "") -> str:
                         if key == "ppl" and r["gap_pct"] is not None:
                             text += f" ({r['gap_pct']:+.1f} %)"
                         parts.append(text)
-                    if (parts[0] == parts[1] and parts[0] in ("infeasible", "failed", "not finished", "not run")
+                    if (parts[0] == parts[1] and parts[0] in ("infeasible", "failed", "not finished")
                             or parts[1] == "not run"):
                         cells.append(parts[0])
                     else:
