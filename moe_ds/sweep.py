@@ -17,10 +17,11 @@ a phase still to run reads it (a cell's compressed model for its distillation, t
 and the distillations, the calibration for the compress steps that use it). A failed cell is recorded with its
 error, the sweep goes on, and the exit status is non-zero at the end; a budget the method cannot meet (pruning below
 top-k experts, a shared core larger than the budget) is recorded as ``infeasible`` before any launcher runs
-(``moe_ds.budget``). A method with ``quantize`` is distilled by quantization-aware training: launch/distill.py refuses a packed student, so the cell writes the packed
-model's full-precision twin (``checkpoint.export_dequantized``: the same factors, holding the quantized values) and
-distils it with ``--quantization`` (the compress step's expert and router specs, ``moe_ds.qat``); the distilled
-evaluation reads the packed ``quantized-<steps>`` checkpoint QAT writes at its end, at the same expert bytes.
+(``moe_ds.budget``). A method with ``quantize`` is distilled by quantization-aware training: launch/distill.py
+refuses a packed student, so the cell writes the packed model's full-precision twin (``checkpoint.export_dequantized``:
+the same factors, holding the quantized values) and distils it with ``--quantization`` (the compress step's expert
+and router specs, ``moe_ds.qat``); the distilled evaluation reads the packed ``quantized-<steps>`` checkpoint QAT
+writes at its end, at the same expert bytes.
 ``distill.steps: 0`` makes a zero-shot sweep (no teacher cache, no distillation, no control; the distilled column
 reads ``not run`` in sweep.csv and is left out of sweep.md), for testbeds too large to distil every cell of.
 
