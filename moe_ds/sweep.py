@@ -965,7 +965,7 @@ def sweep_markdown(rows: list[dict], title: str = "") -> str:
 def plot_pareto(rows: list[dict], path: str | Path) -> None:
     """pareto.png: per testbed, expert bytes ratio vs held-out perplexity (and vs mean task accuracy when tasks
     ran); per method a zero-shot (dashed) and a distilled (solid) series in one colour; the teacher a solid
-    horizontal line, the control a dotted one."""
+    horizontal line, the control a dotted one; the legend right of each panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -974,7 +974,8 @@ def plot_pareto(rows: list[dict], path: str | Path) -> None:
     testbeds = list(dict.fromkeys(r["testbed"] for r in rows))
     panels = [(tb, key) for tb in testbeds for key in ("ppl", "mean_acc")
               if key == "ppl" or any(r["mean_acc"] is not None for r in rows if r["testbed"] == tb)]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 4.5 * len(panels)), squeeze=False)
+    # The legend sits right of each panel (constrained layout makes room) so it never covers a point.
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 4.5 * len(panels)), squeeze=False, layout="constrained")
     for ax, (tb, key) in zip(axes[:, 0], panels):
         mine = [r for r in rows if r["testbed"] == tb]
         methods = list(dict.fromkeys(r["method"] for r in mine if r["method"] not in ("teacher", "control")))
@@ -1001,8 +1002,7 @@ def plot_pareto(rows: list[dict], path: str | Path) -> None:
             ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     save_figure_atomic(fig, path)
     plt.close(fig)
 
