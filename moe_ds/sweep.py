@@ -865,6 +865,12 @@ def _num(v, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
+def _short(v: float, spec: str, limit: float = 1e5) -> str:
+    """``format(v, spec)``, or three significant digits in scientific notation from ``|v| >= limit`` on, so that a
+    destroyed model's perplexity reads 2.72e+11, not 271558834659.30."""
+    return format(v, spec) if abs(v) < limit else format(v, "+.3g" if spec.startswith("+") else ".3g")
+
+
 def sweep_csv(rows: list[dict]) -> str:
     """The rows as CSV; task accuracies as ``acc/<task>`` columns (every task any row has)."""
     tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
@@ -942,11 +948,11 @@ def sweep_markdown(rows: list[dict], title: str = "") -> str:
                         if r is None or r["status"] != "done" or r[key] is None:
                             parts.append(r["status"] if r is not None else "")
                             continue
-                        text = format(r[key], spec)
+                        text = _short(r[key], spec)
                         if best.get((testbed, b, phase)) == r[key]:
                             text = f"**{text}**"
                         if key == "ppl" and r["gap_pct"] is not None:
-                            text += f" ({r['gap_pct']:+.1f} %)"
+                            text += f" ({_short(r['gap_pct'], '+.1f')} %)"
                         parts.append(text)
                     if (parts[0] == parts[1] and parts[0] in ("infeasible", "failed", "not finished")
                             or parts[1] == "not run"):

@@ -433,6 +433,18 @@ def test_markdown_says_which_cells_were_not_distilled():
     assert "| a | **120.00** → **110.00** |" in md and "| b | 130.00 |" in md
 
 
+def test_markdown_writes_huge_perplexities_in_scientific_notation():
+    """A destroyed model's perplexity and gap read as three significant digits (2.72e+11, +3.96e+11 %), not twelve;
+    values under 1e5 keep two decimals."""
+    def row(method, phase, ppl):
+        return {"testbed": "t", "method": method, "budget": 0.5, "expert_bytes_ratio": 0.5, "phase": phase,
+                "status": "done", "ppl": ppl, "gap_pct": 100 * (ppl - 68.6) / 68.6, "tasks": {}, "mean_acc": None,
+                "seconds": 1.0, "error": None}
+
+    md = sweep.sweep_markdown([row("a", "zero_shot", 271558834659.30), row("a", "distilled", 48656.82)])
+    assert "| a | **2.72e+11** (+3.96e+11 %) → **48656.82** (+70828.3 %) |" in md
+
+
 @pytest.mark.slow
 def test_sweep_runs_and_a_rerun_skips_finished_cells(tmp_path, tiny_lm_dir, texts):
     """1 method × 1 budget × 2 distillation steps on the tiny MoE through the launchers (nproc 1; the control, one
